@@ -1,0 +1,12 @@
+"""d2v_plugin: data2vec 2.0 for fairseq, as a ``--user-dir`` plugin.
+
+Importing the package registers its models, tasks and criteria with fairseq and lets
+``torch.load(weights_only=True)`` read fairseq checkpoints (see :mod:`d2v_plugin.safe_load`).
+"""
+
+from . import safe_load
+
+safe_load.allow_fairseq_checkpoints()
+safe_load.register_config_resolvers()
+
+from . import criteria, models, tasks  # noqa: E402,F401

@@ -1,0 +1,3 @@
+"""Criteria registered with fairseq."""
+
+from . import data2vec_criterion  # noqa: F401

@@ -1,0 +1,152 @@
+"""Transformer building blocks shared by every data2vec 2.0 modality.
+
+Parameter names (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, ``norm1``,
+``norm2``) follow Meta's released checkpoints so that they load without renaming.
+"""
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import StochasticDepth
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on ``F.scaled_dot_product_attention``.
+
+    ``padding_mask`` (B, T) is True at padded keys; ``alibi_bias`` (B, H', T, T) is an
+    additive bias for the first H' heads (ALiBi).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, padding_mask: Optional[torch.Tensor] = None, alibi_bias: Optional[torch.Tensor] = None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = attention_bias(padding_mask, alibi_bias, self.num_heads, T, q.dtype)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
+        )
+        x = x.transpose(1, 2).reshape(B, T, C)
+        return self.proj_drop(self.proj(x))
+
+
+def attention_bias(padding_mask, alibi_bias, num_heads: int, T: int, dtype):
+    """Combine a key padding mask and an ALiBi bias into one additive mask, or None."""
+    if padding_mask is not None and not padding_mask.any():
+        padding_mask = None
+    if padding_mask is None and alibi_bias is None:
+        return None
+    if alibi_bias is None:
+        # boolean mask: True = attend
+        return ~padding_mask[:, None, None, :]
+    bias = alibi_bias.to(dtype)
+    if bias.size(1) < num_heads:
+        bias = F.pad(bias, (0, 0, 0, 0, 0, num_heads - bias.size(1)))
+    if padding_mask is not None:
+        bias = bias.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+    return bias
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """A transformer block that also returns the tensor data2vec regresses.
+
+    ``layer_norm_first`` picks pre-norm (images) or post-norm (text, speech).
+    ``ffn_targets``: the target is the feed-forward output before the residual
+    connection (data2vec 2.0's default) rather than the block output.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        mlp_drop: float = 0.0,
+        post_mlp_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        layer_norm_first: bool = True,
+        ffn_targets: bool = True,
+    ):
+        super().__init__()
+        self.layer_norm_first = layer_norm_first
+        self.ffn_targets = ffn_targets
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=mlp_drop)
+        self.post_mlp_dropout = nn.Dropout(post_mlp_drop)
+
+    def forward(self, x, padding_mask=None, alibi_bias=None):
+        if self.layer_norm_first:
+            x = x + self.drop_path(self.attn(self.norm1(x), padding_mask, alibi_bias))
+            ffn = self.mlp(self.norm2(x))
+            x = x + self.drop_path(self.post_mlp_dropout(ffn))
+        else:
+            x = self.norm1(x + self.drop_path(self.attn(x, padding_mask, alibi_bias)))
+            ffn = self.mlp(x)
+            x = self.norm2(x + self.drop_path(self.post_mlp_dropout(ffn)))
+        return x, (ffn if self.ffn_targets else x)
+
+
+class BlockStack(nn.Module):
+    """A list of blocks run in order (a modality's prenet), with optional LayerNorm and dropout.
+
+    Post-norm models normalise the input, pre-norm models the output.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, norm: Optional[nn.Module], layer_norm_first: bool, layerdrop: float, dropout: float):
+        super().__init__()
+        self.blocks = blocks
+        self.norm = norm
+        self.layer_norm_first = layer_norm_first
+        self.layerdrop = layerdrop
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, padding_mask=None, alibi_bias=None, alibi_scale=None):
+        if self.norm is not None and not self.layer_norm_first:
+            x = self.norm(x)
+        x = self.dropout(x)
+        for i, blk in enumerate(self.blocks):
+            if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
+                continue
+            x, _ = blk(x, padding_mask, scaled_alibi(alibi_bias, alibi_scale, i))
+        if self.norm is not None and self.layer_norm_first:
+            x = self.norm(x)
+        return x
+
+
+def scaled_alibi(alibi_bias, alibi_scale, layer: int):
+    """The ALiBi bias for one layer: a per-layer learned scale applies when given."""
+    if alibi_bias is None or alibi_scale is None:
+        return alibi_bias
+    scale = alibi_scale[layer] if alibi_scale.size(0) > 1 else alibi_scale.squeeze(0)
+    return alibi_bias * scale.type_as(alibi_bias)

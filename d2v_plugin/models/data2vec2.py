@@ -1,0 +1,307 @@
+"""data2vec 2.0 (``data2vec_multi``): wires modality encoder, shared blocks, decoder,
+EMA teacher, targets and loss together. Each of those lives in its own module."""
+
+import logging
+import copy
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import BaseFairseqModel, register_model
+from fairseq.modules.transformer_sentence_encoder import init_bert_params
+from omegaconf import II
+
+from .blocks import Block, scaled_alibi
+from .ema import EMATeacher, annealed_decay
+from .loss import feature_std, regression_loss
+from .masking import MaskSeed
+from .modalities.text import TextConfig, TextEncoder
+from .targets import build_targets
+
+logger = logging.getLogger(__name__)
+
+MODALITIES = ChoiceEnum(["TEXT", "AUDIO", "IMAGE"])
+
+
+class RepresentationCollapse(RuntimeError):
+    """Targets or predictions lost their variance: training would only produce constants."""
+
+
+@dataclass
+class ModalitiesConfig(FairseqDataclass):
+    text: TextConfig = field(default_factory=TextConfig, metadata={"help": "text modality"})
+
+
+@dataclass
+class Data2VecMultiConfig(FairseqDataclass):
+    loss_beta: float = field(default=0.0, metadata={"help": "beta of the smooth L1 loss; 0 = L2 loss"})
+    loss_scale: Optional[float] = field(default=None, metadata={"help": "multiply the loss by this; None = 1/sqrt(embed_dim)"})
+    depth: int = field(default=8, metadata={"help": "number of shared transformer blocks"})
+    start_drop_path_rate: float = field(default=0.0, metadata={"help": "stochastic depth of the first block"})
+    end_drop_path_rate: float = field(default=0.0, metadata={"help": "stochastic depth of the last block (linear in between)"})
+    num_heads: int = field(default=12, metadata={"help": "attention heads"})
+    norm_eps: float = field(default=1e-6, metadata={"help": "LayerNorm epsilon"})
+    norm_affine: bool = field(default=True, metadata={"help": "LayerNorms have learned scale and bias"})
+    encoder_dropout: float = field(default=0.1, metadata={"help": "dropout after attention"})
+    post_mlp_drop: float = field(default=0.1, metadata={"help": "dropout after the feed-forward network"})
+    attention_dropout: float = field(default=0.1, metadata={"help": "dropout on attention weights"})
+    activation_dropout: float = field(default=0.0, metadata={"help": "dropout inside the feed-forward network"})
+    dropout_input: float = field(default=0.0, metadata={"help": "dropout on the input of the shared blocks"})
+    layerdrop: float = field(default=0.0, metadata={"help": "probability of skipping a shared block in training"})
+    embed_dim: int = field(default=768, metadata={"help": "model width"})
+    mlp_ratio: float = field(default=4.0, metadata={"help": "feed-forward width, times embed_dim"})
+    layer_norm_first: bool = field(default=False, metadata={"help": "pre-norm blocks (post-norm if false)"})
+    average_top_k_layers: int = field(default=8, metadata={"help": "targets average the teacher's last K blocks"})
+    end_of_block_targets: bool = field(default=False, metadata={"help": "targets are block outputs (false: feed-forward outputs before the residual)"})
+    clone_batch: int = field(default=1, metadata={"help": "student copies of each sample, each with its own mask, sharing one teacher pass"})
+    layer_norm_target_layer: bool = field(default=False, metadata={"help": "LayerNorm each target block output"})
+    batch_norm_target_layer: bool = field(default=False, metadata={"help": "batch-normalise each target block output"})
+    instance_norm_target_layer: bool = field(default=False, metadata={"help": "instance-normalise each target block output over time"})
+    instance_norm_targets: bool = field(default=False, metadata={"help": "instance-normalise the averaged targets"})
+    layer_norm_targets: bool = field(default=False, metadata={"help": "LayerNorm the averaged targets"})
+    ema_decay: float = field(default=0.999, metadata={"help": "teacher EMA decay at update 0"})
+    ema_end_decay: float = field(default=0.9999, metadata={"help": "teacher EMA decay at ema_anneal_end_step and after"})
+    ema_anneal_end_step: int = field(default=II("optimization.max_update"), metadata={"help": "update at which the decay reaches ema_end_decay (linear schedule)"})
+    ema_encoder_only: bool = field(default=True, metadata={"help": "the teacher copies only the shared blocks (and uses the student's modality encoder)"})
+    ema_same_dtype: bool = field(default=True, metadata={"help": "unused: the teacher always keeps fp32 weights; kept to read Meta's configs"})
+    log_norms: bool = field(default=True, metadata={"help": "log model_norm and ema_norm"})
+    max_update: int = field(default=II("optimization.max_update"), metadata={"help": "set from optimization.max_update"})
+    modalities: ModalitiesConfig = field(default_factory=ModalitiesConfig, metadata={"help": "per-modality settings"})
+    min_target_var: float = field(default=0.1, metadata={"help": "stop training if the target std falls below this (collapse)"})
+    min_pred_var: float = field(default=0.01, metadata={"help": "stop training if the prediction std falls below this (collapse)"})
+    collapse_check_start: int = field(default=5000, metadata={"help": "check min_target_var / min_pred_var from this update on"})
+    supported_modality: MODALITIES = field(default="TEXT", metadata={"help": "the modality this model is trained on"})
+    seed: int = field(default=II("common.seed"), metadata={"help": "seed of the reproducible masks"})
+    skip_ema: bool = field(default=False, metadata={"help": "build no teacher (feature extraction / fine-tuning)"})
+    cls_loss: float = field(default=0.0, metadata={"help": "weight of the CLS-token loss (images: 0.01)"})
+    d2v_loss: float = field(default=1.0, metadata={"help": "weight of the regression loss"})
+
+
+def build_modality_encoder(name: str, cfg: Data2VecMultiConfig, make_block, make_norm, task):
+    if name == "TEXT":
+        dictionary = getattr(task, "source_dictionary", None) if task is not None else None
+        return TextEncoder(cfg.modalities.text, cfg.embed_dim, make_block, make_norm, cfg.layer_norm_first, dictionary)
+    raise ValueError(f"modality {name} is not available in this version of d2v_plugin")
+
+
+@register_model("data2vec_multi", dataclass=Data2VecMultiConfig)
+class Data2VecMultiModel(BaseFairseqModel):
+    def __init__(self, cfg: Data2VecMultiConfig, task=None, skip_ema: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.mode = str(cfg.supported_modality).upper()
+        make_norm = partial(nn.LayerNorm, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine)
+        make_block = partial(
+            Block,
+            cfg.embed_dim,
+            cfg.num_heads,
+            cfg.mlp_ratio,
+            drop=cfg.encoder_dropout,
+            attn_drop=cfg.attention_dropout,
+            mlp_drop=cfg.activation_dropout,
+            post_mlp_drop=cfg.post_mlp_drop,
+            norm_layer=make_norm,
+            layer_norm_first=cfg.layer_norm_first,
+            ffn_targets=not cfg.end_of_block_targets,
+        )
+        block = lambda drop_path: make_block(drop_path=drop_path)  # noqa: E731
+        self.modality_encoders = nn.ModuleDict(
+            {self.mode: build_modality_encoder(self.mode, cfg, block, make_norm, task)}
+        )
+        self.dropout_input = nn.Dropout(cfg.dropout_input)
+        dpr = np.linspace(cfg.start_drop_path_rate, cfg.end_drop_path_rate, cfg.depth)
+        self.blocks = nn.ModuleList([block(float(dpr[i])) for i in range(cfg.depth)])
+        self.norm = make_norm(cfg.embed_dim) if cfg.layer_norm_first else None
+        self.apply(init_bert_params)
+        for pn, p in self.named_parameters():
+            if p.dim() == 1 or pn.endswith(".bias") or "alibi_scale" in pn:
+                p.optim_overrides = {"optimizer": {"weight_decay_scale": 0}}
+        self.num_updates = 0
+        self.ema = None
+        if not skip_ema:
+            self.ema = EMATeacher(self._teacher_source(), cfg.ema_decay)
+            if not cfg.ema_encoder_only:
+                self._strip_teacher(self.ema.model)
+
+    @classmethod
+    def build_model(cls, cfg: Data2VecMultiConfig, task=None):
+        return cls(cfg, task=task, skip_ema=cfg.skip_ema)
+
+    # ---- teacher -------------------------------------------------------------------
+    def _teacher_source(self) -> nn.Module:
+        """The part of the student the teacher averages."""
+        return self.blocks if self.cfg.ema_encoder_only else self
+
+    def _strip_teacher(self, teacher: "Data2VecMultiModel") -> None:
+        """A full-model teacher needs no decoder, and no local encoder unless configured."""
+        for enc in teacher.modality_encoders.values():
+            enc.decoder = None
+            if not enc.modality_cfg.ema_local_encoder:
+                enc.local_encoder = None
+                enc.project_features = None
+
+    def set_num_updates(self, num_updates):
+        super().set_num_updates(num_updates)
+        resuming = (self.num_updates == 0 and num_updates > 1) or self.num_updates >= num_updates
+        if self.ema is not None and self.training and not resuming:
+            cfg = self.cfg
+            if cfg.ema_decay != cfg.ema_end_decay:
+                self.ema.decay = annealed_decay(cfg.ema_decay, cfg.ema_end_decay, num_updates, cfg.ema_anneal_end_step)
+            if self.ema.decay < 1:
+                self.ema.step(self._teacher_source())
+        elif self.ema is not None and resuming:
+            cfg = self.cfg
+            self.ema.decay = annealed_decay(cfg.ema_decay, cfg.ema_end_decay, num_updates, cfg.ema_anneal_end_step)
+        self.num_updates = num_updates
+
+    def state_dict(self, destination=None, prefix="", keep_vars=False):
+        state = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self.ema is not None:
+            state[prefix + "_ema"] = self.ema.state_dict()
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        ema_state = state_dict.pop(prefix + "_ema", None)
+        if self.ema is not None:
+            if ema_state is None:
+                logger.warning("checkpoint has no EMA teacher (_ema); the teacher restarts from the student")
+                self.ema = EMATeacher(self._teacher_source(), self.ema.decay)
+            else:
+                self.ema.load_state_dict(ema_state)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def remove_pretraining_modules(self, modality=None):
+        self.ema = None
+        self.cfg.clone_batch = 1
+        for enc in self.modality_encoders.values():
+            enc.remove_pretraining_modules()
+
+    # ---- forward -------------------------------------------------------------------
+    def run_blocks(self, blocks, x, enc_out, collect: bool = False, extra_tokens: int = 0):
+        """Run shared blocks; also return what each block offers as a target (if collect)."""
+        layer_targets = []
+        for i, blk in enumerate(blocks):
+            if self.training and self.cfg.layerdrop > 0 and not collect and np.random.random() < self.cfg.layerdrop:
+                continue
+            ab = scaled_alibi(enc_out["alibi_bias"], enc_out["alibi_scale"], i)
+            x, t = blk(x, enc_out["padding_mask"], ab)
+            if collect:
+                layer_targets.append(t[:, extra_tokens:])
+        return x, layer_targets
+
+    def forward(self, source, padding_mask=None, id=None, mask=True, features_only=False, mode=None, **unused):
+        mode = (mode or self.mode).upper()
+        enc = self.modality_encoders[mode]
+        seed = MaskSeed(self.cfg.seed, self.num_updates, id) if id is not None else None
+        out = enc(
+            source,
+            padding_mask,
+            mask=mask,
+            remove_masked=not features_only,
+            clone_batch=self.cfg.clone_batch if not features_only else 1,
+            mask_seed=seed,
+        )
+        x, layer_results = self.run_blocks(self.blocks, self.dropout_input(out["x"]), out, collect=features_only)
+        if self.norm is not None:
+            x = self.norm(x)
+        n_extra = enc.modality_cfg.num_extra_tokens
+        if features_only:
+            pm = out["padding_mask"]
+            return {
+                "x": x[:, n_extra:],
+                "padding_mask": pm[:, n_extra:] if pm is not None else None,
+                "layer_results": layer_results,
+                "mask": out["encoder_mask"],
+            }
+        if self.ema is None:
+            raise RuntimeError("this model has no EMA teacher (skip_ema / fine-tuning); call extract_features")
+        mask_info = out["encoder_mask"]
+        if mask_info is None:
+            raise ValueError(f"mask_prob of modality {mode} is 0: data2vec needs masked steps to predict")
+        pred = enc.decoder(enc.decoder_input(x, mask_info))
+        targets = self.teacher_targets(source, padding_mask, out, enc, mode)
+        return self.compute_loss(mode, x, pred, targets, mask_info, n_extra)
+
+    @torch.no_grad()
+    def teacher_targets(self, source, padding_mask, student_out, enc, mode):
+        """Teacher pass on the unmasked input -> (B, T, C) fp32 targets."""
+        device = student_out["x"].device
+        if self.ema.device != device:
+            self.ema.to(device)
+        teacher = self.ema.model
+        if self.cfg.ema_encoder_only:
+            t_enc, blocks = enc, teacher
+        else:
+            t_enc, blocks = teacher.modality_encoders[mode], teacher.blocks
+        if not self.cfg.ema_encoder_only and t_enc.modality_cfg.ema_local_encoder:
+            inp = t_enc(source, padding_mask, mask=False, remove_masked=False)
+        else:
+            local = student_out["local_features"].detach().float()
+            inp = t_enc.contextualized_features(local, padding_mask, mask=False, remove_masked=False)
+        n_extra = enc.modality_cfg.num_extra_tokens
+        _, layer_targets = self.run_blocks(blocks, inp["x"].float(), inp, collect=True, extra_tokens=n_extra)
+        cfg = self.cfg
+        return build_targets(
+            layer_targets,
+            cfg.average_top_k_layers,
+            instance_norm_target_layer=cfg.instance_norm_target_layer,
+            layer_norm_target_layer=cfg.layer_norm_target_layer,
+            batch_norm_target_layer=cfg.batch_norm_target_layer,
+            instance_norm_targets=cfg.instance_norm_targets,
+            layer_norm_targets=cfg.layer_norm_targets,
+        )
+
+    def compute_loss(self, mode, x, pred, targets, mask_info, n_extra):
+        cfg = self.cfg
+        clone = cfg.clone_batch
+        full_targets = targets.repeat_interleave(clone, 0) if clone > 1 else targets
+        masked = mask_info.mask.bool()
+        y = full_targets[masked]
+        p = pred[masked]
+        sample_size = masked.sum()
+        name = mode.lower()
+        losses = {}
+        if cfg.d2v_loss > 0:
+            losses[f"{name}_regression"] = regression_loss(p, y, cfg.loss_beta, cfg.loss_scale) * cfg.d2v_loss
+        if cfg.cls_loss > 0:
+            if n_extra == 0:
+                raise ValueError("cls_loss needs a CLS token (num_extra_tokens >= 1)")
+            cls_target = targets.mean(dim=1)
+            if clone > 1:
+                cls_target = cls_target.repeat_interleave(clone, 0)
+            cls_pred = x[:, n_extra - 1]
+            losses["cls"] = regression_loss(cls_pred, cls_target, cfg.loss_beta, cfg.loss_scale) * (cfg.cls_loss * sample_size)
+        result = {"losses": losses, "sample_size": sample_size}
+        with torch.no_grad():
+            result["masked_pct"] = 1 - mask_info.ids_keep.size(1) / mask_info.ids_restore.size(1)
+            result["pred_var"] = feature_std(p)
+            result["target_var"] = feature_std(y)
+            result["ema_decay"] = self.ema.decay
+            if cfg.log_norms:
+                result.update(self.ema.logs)
+            self.check_collapse(result)
+        return result
+
+    def check_collapse(self, result):
+        cfg = self.cfg
+        if self.num_updates < cfg.collapse_check_start:
+            return
+        for key, limit, setting in (
+            ("target_var", cfg.min_target_var, "model.min_target_var"),
+            ("pred_var", cfg.min_pred_var, "model.min_pred_var"),
+        ):
+            value = float(result[key])
+            if value < limit:
+                raise RepresentationCollapse(
+                    f"{key} is {value:.4g} < {setting}={limit} at update {self.num_updates}: the representations "
+                    "have collapsed. Lower the learning rate, raise ema_decay or change the masking, then restart "
+                    "from an earlier checkpoint."
+                )
+
+    def extract_features(self, source, padding_mask=None, mask=False, mode=None, remove_extra_tokens=True):
+        """Encoder output without decoder or teacher: ``{"x": (B, T, C), "padding_mask", "layer_results"}``."""
+        return self.forward(source, padding_mask=padding_mask, mask=mask, features_only=True, mode=mode)

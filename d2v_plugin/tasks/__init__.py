@@ -1,0 +1,3 @@
+"""Tasks registered with fairseq."""
+
+from . import text_pretraining  # noqa: F401

@@ -1,0 +1,28 @@
+"""Installs d2v_plugin, a fairseq ``--user-dir`` plugin for data2vec 1.0 / 2.0."""
+
+from setuptools import find_namespace_packages, setup
+
+setup(
+    name="d2v_plugin",
+    version="0.1.0",
+    description="data2vec 2.0 / 1.0 as a fairseq user-dir plugin that runs on current Python and PyTorch",
+    python_requires=">=3.10",
+    # package_dir "" = "." makes `pip install -e` add this directory to sys.path (a static
+    # .pth) so that Hydra finds hydra_plugins/ by scanning directories, as it does.
+    package_dir={"": "."},
+    packages=find_namespace_packages(include=["d2v_plugin", "d2v_plugin.*", "hydra_plugins.*"]),
+    install_requires=[
+        "fairseq-fixed==0.12.3.1",
+        "torch>=2.6",
+        "torchvision",
+        "omegaconf>=2.3",
+        "hydra-core>=1.3",
+        "sentencepiece",
+        "soundfile",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "scikit-learn", "scipy"],
+    },
+)
