@@ -10,3 +10,4 @@ safe_load.allow_fairseq_checkpoints()
 safe_load.register_config_resolvers()
 
 from . import criteria, models, tasks  # noqa: E402,F401
+from .checkpoints import load_encoder  # noqa: E402,F401

@@ -1,3 +1,5 @@
-"""Criteria registered with fairseq."""
+"""Criteria registered with fairseq: every module in this package is imported."""
 
-from . import data2vec_criterion  # noqa: F401
+from .._autoimport import import_submodules
+
+import_submodules(__name__, __path__)

@@ -1,3 +1,5 @@
-"""Models registered with fairseq: data2vec 2.0 (``data2vec_multi``)."""
+"""Models registered with fairseq: every module and subpackage here is imported."""
 
-from . import data2vec2  # noqa: F401
+from .._autoimport import import_submodules
+
+import_submodules(__name__, __path__)

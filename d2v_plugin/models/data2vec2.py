@@ -19,6 +19,8 @@ from .blocks import Block, scaled_alibi
 from .ema import EMATeacher, annealed_decay
 from .loss import feature_std, regression_loss
 from .masking import MaskSeed
+from .modalities.audio import AudioConfig, AudioEncoder
+from .modalities.image import ImageConfig, ImageEncoder
 from .modalities.text import TextConfig, TextEncoder
 from .targets import build_targets
 
@@ -33,6 +35,8 @@ class RepresentationCollapse(RuntimeError):
 
 @dataclass
 class ModalitiesConfig(FairseqDataclass):
+    audio: AudioConfig = field(default_factory=AudioConfig, metadata={"help": "speech modality"})
+    image: ImageConfig = field(default_factory=ImageConfig, metadata={"help": "image modality"})
     text: TextConfig = field(default_factory=TextConfig, metadata={"help": "text modality"})
 
 
@@ -85,6 +89,10 @@ def build_modality_encoder(name: str, cfg: Data2VecMultiConfig, make_block, make
     if name == "TEXT":
         dictionary = getattr(task, "source_dictionary", None) if task is not None else None
         return TextEncoder(cfg.modalities.text, cfg.embed_dim, make_block, make_norm, cfg.layer_norm_first, dictionary)
+    if name == "AUDIO":
+        return AudioEncoder(cfg.modalities.audio, cfg.embed_dim, make_block, make_norm, cfg.layer_norm_first)
+    if name == "IMAGE":
+        return ImageEncoder(cfg.modalities.image, cfg.embed_dim, make_block, make_norm, cfg.layer_norm_first)
     raise ValueError(f"modality {name} is not available in this version of d2v_plugin")
 
 

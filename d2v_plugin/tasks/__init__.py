@@ -1,3 +1,5 @@
-"""Tasks registered with fairseq."""
+"""Tasks registered with fairseq: every module in this package is imported."""
 
-from . import text_pretraining  # noqa: F401
+from .._autoimport import import_submodules
+
+import_submodules(__name__, __path__)

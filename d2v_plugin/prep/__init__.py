@@ -1,0 +1,1 @@
+"""Dataset preparation helpers (raw data -> fairseq-ready files)."""
