@@ -549,19 +549,14 @@ def get_parser():
     return p
 
 
-def _log_to_stdout():
-    """Log this module's progress to stdout, whatever logging fairseq set up on import."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    _log_to_stdout()
+    # log progress to stdout, whatever logging fairseq set up when it was imported
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     try:
         prepare_text(
             None if args.default_corpus else args.corpus, args.out, tokenizer=args.tokenizer,
@@ -572,6 +567,9 @@ def main(argv=None):
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
     return 0
 
 

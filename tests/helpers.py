@@ -1,0 +1,62 @@
+"""Shared test utilities: run the real fairseq entry points and read their logs."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "config"
+SHARED_COMPAT = REPO.parent / "shared" / "compat"
+BIN = Path(sys.executable).parent
+
+
+def env() -> Dict[str, str]:
+    """Environment for subprocesses: the venv's bin first on PATH, quiet warnings, 1 thread each."""
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e.setdefault("PYTHONWARNINGS", "ignore")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def run(cmd: List[str], cwd=None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command; on unexpected failure, fail the test showing the end of its output."""
+    proc = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{proc.stdout[-6000:]}")
+    return proc
+
+
+def hydra_train(config_name: str, *overrides: str, cwd=None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """``fairseq-hydra-train --config-dir config --config-name NAME overrides...``."""
+    return run(
+        [BIN / "fairseq-hydra-train", "--config-dir", CONFIG_DIR, "--config-name", config_name, *overrides],
+        cwd=cwd,
+        timeout=timeout,
+        check=check,
+    )
+
+
+_KV = re.compile(r"(\w+)=([-+0-9.eE]+|nan|inf)")
+
+
+def train_log(output: str, tag: str = "train_inner") -> List[Dict[str, float]]:
+    """Parse fairseq 'simple' log lines (``[train_inner] ... key=value, ...``) into dicts."""
+    rows = []
+    for line in output.splitlines():
+        if f"[{tag}]" in line:
+            rows.append({k: float(v) for k, v in _KV.findall(line)})
+    return rows
+
+
+def compat_dir() -> Path:
+    if not SHARED_COMPAT.is_dir():
+        pytest.skip(f"official-format checkpoints not found at {SHARED_COMPAT} (../shared/compat beside the checkout)")
+    return SHARED_COMPAT
