@@ -129,6 +129,7 @@ class Data2VecMultiModel(BaseFairseqModel):
             if p.dim() == 1 or pn.endswith(".bias") or "alibi_scale" in pn:
                 p.optim_overrides = {"optimizer": {"weight_decay_scale": 0}}
         self.num_updates = 0
+        self.ema_updates = 0  # the last update whose student the teacher has folded in
         self.ema = None
         if not skip_ema:
             self.ema = EMATeacher(self._teacher_source(), cfg.ema_decay)
@@ -153,17 +154,21 @@ class Data2VecMultiModel(BaseFairseqModel):
                 enc.project_features = None
 
     def set_num_updates(self, num_updates):
+        """fairseq calls this before each training step with the number of finished updates.
+
+        The teacher folds in the student of update ``num_updates`` at this point, once per
+        update. A checkpoint saved after update n therefore holds a teacher that has seen
+        the students up to n - 1; :meth:`_load_from_state_dict` restores that count so a
+        resumed run makes exactly the EMA steps an uninterrupted run makes.
+        """
         super().set_num_updates(num_updates)
-        resuming = (self.num_updates == 0 and num_updates > 1) or self.num_updates >= num_updates
-        if self.ema is not None and self.training and not resuming:
-            cfg = self.cfg
-            if cfg.ema_decay != cfg.ema_end_decay:
-                self.ema.decay = annealed_decay(cfg.ema_decay, cfg.ema_end_decay, num_updates, cfg.ema_anneal_end_step)
-            if self.ema.decay < 1:
-                self.ema.step(self._teacher_source())
-        elif self.ema is not None and resuming:
+        if self.ema is not None:
             cfg = self.cfg
             self.ema.decay = annealed_decay(cfg.ema_decay, cfg.ema_end_decay, num_updates, cfg.ema_anneal_end_step)
+            if self.training and num_updates > self.ema_updates:
+                if self.ema.decay < 1:
+                    self.ema.step(self._teacher_source())
+                self.ema_updates = num_updates
         self.num_updates = num_updates
 
     def state_dict(self, destination=None, prefix="", keep_vars=False):
@@ -180,6 +185,8 @@ class Data2VecMultiModel(BaseFairseqModel):
                 self.ema = EMATeacher(self._teacher_source(), self.ema.decay)
             else:
                 self.ema.load_state_dict(ema_state)
+            # fairseq sets num_updates before loading: the saved teacher has seen students < n
+            self.ema_updates = max(self.num_updates - 1, 0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def remove_pretraining_modules(self, modality=None):
