@@ -26,6 +26,7 @@ import collections
 import itertools
 import json
 import logging
+import lzma
 import multiprocessing
 import os
 import re
@@ -33,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -97,23 +99,10 @@ def _paragraph(line):
     return " ".join(line.split())
 
 
-def _text_documents(text, blank_line_splits):
-    """Split text into documents (lists of paragraphs).
-
-    With ``blank_line_splits`` a blank line ends a document (fairseq's corpus
-    format); otherwise the whole text is one document.
-    """
-    docs, doc = [], []
-    for line in re.split(r"\r\n|\r|\n", text):  # not splitlines(): it also splits at U+2028
-        para = _paragraph(line)
-        if para:
-            doc.append(para)
-        elif blank_line_splits and doc:
-            docs.append(doc)
-            doc = []
-    if doc:
-        docs.append(doc)
-    return docs
+def _document(text):
+    """The non-blank lines of a text as one-line paragraphs (one document)."""
+    lines = re.split(r"\r\n|\r|\n", text)  # not splitlines(): it also splits at U+2028
+    return [p for p in map(_paragraph, lines) if p]
 
 
 def _is_archive(path):
@@ -129,10 +118,10 @@ def _archive_documents(path):
             for member in tar:
                 if member.isfile() and member.name.endswith(".txt"):
                     text = tar.extractfile(member).read().decode("utf-8", "replace")
-                    docs.extend(_text_documents(text, blank_line_splits=False))
-    except (tarfile.TarError, EOFError, OSError) as e:
+                    docs.append(_document(text))
+    except (tarfile.TarError, lzma.LZMAError, zlib.error, EOFError, OSError) as e:
         raise PrepError(f"cannot read archive {path}: {e}") from e
-    return docs
+    return [d for d in docs if d]
 
 
 def _file_documents(path):
@@ -140,12 +129,11 @@ def _file_documents(path):
     path = Path(path)
     if _is_archive(path):
         return _archive_documents(path)
-    text = path.read_text(encoding="utf-8", errors="replace")
-    return _text_documents(text, blank_line_splits=False)
+    return [_document(path.read_text(encoding="utf-8", errors="replace"))]
 
 
 def _files_documents(paths):
-    return [doc for path in paths for doc in _file_documents(path)]
+    return [doc for path in paths for doc in _file_documents(path) if doc]
 
 
 def corpus_files(corpus):
@@ -190,7 +178,7 @@ def iter_documents(corpus, workers=1):
     files = corpus_files(corpus)
     groups = [files[i:i + FILES_PER_TASK] for i in range(0, len(files), FILES_PER_TASK)]
     with _pool(workers) as pool, tqdm(total=len(files), unit="file", desc="read", mininterval=5) as bar:
-        for group, docs in zip(groups, _imap(pool, _files_documents, groups, 4 * workers)):
+        for group, docs in zip(groups, _imap(pool, _files_documents, groups, 2 * workers)):
             bar.update(len(group))
             yield from docs
 
@@ -281,10 +269,10 @@ def split_corpus(documents, train_path, valid_path, valid_fraction):
             _write_doc(valid, held)
             n_valid += 1
         elif held is not None:
-            n_valid = max(1, round(len(held) * valid_fraction))
             if len(held) < 2:
                 raise PrepError("corpus holds a single line of text; need at least two lines "
                                 "to make a train and a valid split")
+            n_valid = min(len(held) - 1, max(1, round(len(held) * valid_fraction)))
             _write_doc(train, held[:-n_valid])
             _write_doc(valid, held[-n_valid:])
             n_train = 1
@@ -308,7 +296,7 @@ def train_sentencepiece(train_txt, model_path, vocab_size, workers, input_senten
         try:
             spm.SentencePieceTrainer.train(
                 input=str(train_txt), model_prefix=str(prefix), vocab_size=vocab_size,
-                model_type="unigram", character_coverage=1.0, num_threads=max(1, workers),
+                model_type="unigram", num_threads=max(1, workers),
                 input_sentence_size=input_sentences, shuffle_input_sentence=True,
                 minloglevel=2,
             )
@@ -349,6 +337,8 @@ def _encode_batch(lines):
     for line in lines:
         line = line.strip()
         tokens = _ENCODER(line) if line else []
+        if line and not tokens:  # text the tokenizer drops entirely must not look like a document end
+            tokens = ["<unk>"]
         counts.update(tokens)
         out.append(" ".join(tokens) + "\n")
     return "".join(out), counts

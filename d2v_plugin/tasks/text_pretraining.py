@@ -78,6 +78,8 @@ class TextPretrainingTask(FairseqTask):
         paths = self.cfg.data.split(os.pathsep)
         data_path = paths[(epoch - 1) % len(paths)]
         prefix = os.path.join(data_path, split)
+        if os.path.isfile(prefix + ".bin") and os.path.getsize(prefix + ".bin") == 0:
+            raise ValueError(f"split {split!r} in {data_path} holds no tokens ({prefix}.bin is empty): the corpus it was made from was empty")
         tokens = data_utils.load_indexed_dataset(prefix, self.dictionary, combine=combine)
         if tokens is None:
             raise FileNotFoundError(f"no binarized split {split!r} in {data_path} (expected {prefix}.bin and {prefix}.idx); {HOW_TO_PREPARE}")
