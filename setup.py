@@ -21,8 +21,16 @@ setup(
         "soundfile",
         "numpy",
         "tqdm",
+        "scipy",
+        "scikit-learn",
     ],
     extras_require={
-        "test": ["pytest", "scikit-learn", "scipy"],
+        "test": ["pytest"],
+    },
+    entry_points={
+        "console_scripts": [
+            "d2v-prep-text=d2v_plugin.prep.text:main",
+            "d2v-squad-eval=d2v_plugin.squad_eval:main",
+        ],
     },
 )

@@ -1,7 +1,7 @@
 """``data2vec`` criterion: sums the model's losses and logs its training statistics."""
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 from fairseq.criterions import FairseqCriterion, register_criterion
@@ -15,9 +15,9 @@ ROUNDING = {"ema_decay": 6}
 
 @dataclass
 class Data2VecCriterionConfig(FairseqDataclass):
-    log_keys: List[str] = field(
-        default_factory=lambda: list(DEFAULT_LOG_KEYS),
-        metadata={"help": "scalar outputs of the model to log (averaged over workers)"},
+    log_keys: Optional[List[str]] = field(
+        default=None,
+        metadata={"help": "scalar outputs of the model to log, averaged over workers (default: " + ", ".join(DEFAULT_LOG_KEYS) + ")"},
     )
 
 

@@ -125,6 +125,8 @@ class Data2VecMultiModel(BaseFairseqModel):
         self.blocks = nn.ModuleList([block(float(dpr[i])) for i in range(cfg.depth)])
         self.norm = make_norm(cfg.embed_dim) if cfg.layer_norm_first else None
         self.apply(init_bert_params)
+        for enc in self.modality_encoders.values():
+            enc.reset_parameters()  # modality-specific init after the BERT init, as Meta's
         for pn, p in self.named_parameters():
             if p.dim() == 1 or pn.endswith(".bias") or "alibi_scale" in pn:
                 p.optim_overrides = {"optimizer": {"weight_decay_scale": 0}}
@@ -253,7 +255,7 @@ class Data2VecMultiModel(BaseFairseqModel):
         else:
             t_enc, blocks = teacher.modality_encoders[mode], teacher.blocks
         if not self.cfg.ema_encoder_only and t_enc.modality_cfg.ema_local_encoder:
-            inp = t_enc(source, padding_mask, mask=False, remove_masked=False)
+            inp = t_enc(source.float() if source.is_floating_point() else source, padding_mask, mask=False, remove_masked=False)  # fp32 teacher
         else:
             local = student_out["local_features"].detach().float()
             inp = t_enc.contextualized_features(local, padding_mask, mask=False, remove_masked=False)

@@ -87,6 +87,9 @@ class ModalityEncoder(nn.Module):
         self.decoder = None  # built by subclasses once their geometry is known
 
     # ---- hooks -----------------------------------------------------------------------
+    def reset_parameters(self):
+        """Re-initialise modality-specific layers after the model-wide BERT init."""
+
     def positions(self, x, padding_mask):
         return None
 

@@ -1,0 +1,1 @@
+"""Datasets and collaters of the pretraining and downstream tasks."""
