@@ -48,10 +48,11 @@ _KV = re.compile(r"(\w+)=([-+0-9.eE]+|nan|inf)")
 
 
 def train_log(output: str, tag: str = "train_inner") -> List[Dict[str, float]]:
-    """Parse fairseq 'simple' log lines (``[train_inner] ... key=value, ...``) into dicts."""
+    """Parse fairseq 'simple' log lines into dicts: ``[train_inner] ... key=value, ...``
+    (fairseq-hydra-train) or ``| train_inner | ... key=value`` (fairseq-train)."""
     rows = []
     for line in output.splitlines():
-        if f"[{tag}]" in line:
+        if f"[{tag}]" in line or f"| {tag} |" in line:
             rows.append({k: float(v) for k, v in _KV.findall(line)})
     return rows
 
