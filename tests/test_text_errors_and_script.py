@@ -2,6 +2,8 @@
 
 import shutil
 
+import torch
+
 from conftest import binarize, write_structured_corpus
 from helpers import REPO, hydra_train, run
 
@@ -70,3 +72,15 @@ def test_config_runs_from_any_directory(tmp_path, text_bin):
     """The configs find the plugin themselves: no --user-dir, cwd outside the repo."""
     proc = hydra_train(TINY, f"task.data={text_bin}", f"checkpoint.save_dir={tmp_path / 'ck'}", "optimization.max_update=3", cwd=tmp_path)
     assert "num_updates" in proc.stdout and (tmp_path / "ck" / "checkpoint_last.pt").is_file()
+
+
+def test_script_with_data_dir_uses_it(tmp_path, text_bin):
+    """The DATA_DIR route (text_base on GPUs by default), here forced onto the tiny config and the CPU."""
+    proc = run(
+        ["bash", REPO / "scripts" / "train_text.sh", text_bin, "--gpus", "0", "--config", "pretraining/text_tiny",
+         "--save-dir", tmp_path / "ck", "--max-update", "3"],
+        cwd=tmp_path,
+    )
+    assert f"task.data={text_bin}" in proc.stdout and "common.cpu=true" in proc.stdout
+    ckpt = torch.load(tmp_path / "ck" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["optimizer_history"][-1]["num_updates"] == 3
