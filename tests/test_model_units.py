@@ -129,3 +129,18 @@ def test_extract_features_without_mask_is_deterministic_in_eval():
     a = model.extract_features(source, pad)["x"]
     b = model.extract_features(source, pad)["x"]
     assert a.shape == (2, 16, 64) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("prenet_depth", [0, 1])
+def test_half_precision_student_with_fp32_teacher(prenet_depth):
+    """fp16/bf16 training converts the student; the teacher keeps fp32 weights and targets."""
+    torch.manual_seed(0)
+    text = {**TINY["modalities"]["text"], "prenet_depth": prenet_depth}
+    model = tiny_model(modalities={"text": text}).to(torch.bfloat16)
+    source, pad = batch()
+    out = model(source, padding_mask=pad)
+    loss = sum(v.float().sum() for v in out["losses"].values())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert next(model.ema.model.parameters()).dtype == torch.float32
+    assert model.blocks[0].attn.qkv.weight.grad is not None

@@ -257,7 +257,10 @@ class Data2VecMultiModel(BaseFairseqModel):
         if not self.cfg.ema_encoder_only and t_enc.modality_cfg.ema_local_encoder:
             inp = t_enc(source.float() if source.is_floating_point() else source, padding_mask, mask=False, remove_masked=False)  # fp32 teacher
         else:
-            local = student_out["local_features"].detach().float()
+            # the modality encoder runs in its own dtype; the teacher blocks get fp32 (run_blocks)
+            local = student_out["local_features"].detach()
+            if not self.cfg.ema_encoder_only:
+                local = local.float()
             inp = t_enc.contextualized_features(local, padding_mask, mask=False, remove_masked=False)
         n_extra = enc.modality_cfg.num_extra_tokens
         _, layer_targets = self.run_blocks(blocks, inp["x"].float(), inp, collect=True, extra_tokens=n_extra)
