@@ -3,7 +3,9 @@
 # Run with --help for the details.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$SCRIPT_DIR/lib/common.sh"
+REPO="$(d2v_repo_dir "$SCRIPT_DIR")"
 GLUE_TASKS=(cola mnli mrpc qnli qqp rte sst_2 sts_b wnli)
 
 usage() {
@@ -153,7 +155,7 @@ for task in "${TASKS[@]}"; do
         fi
         mkdir -p "$save"
         echo "[finetune] $task (lr $lr) data=$data save_dir=$save"
-        if ! "$TRAIN" --config-dir "$REPO/config" --config-name "finetuning/glue/$task" \
+        if ! d2v_hydra_train "$TRAIN" "$REPO/config" "finetuning/glue/$task" \
                 "task.data=$data" "model.model_path=$CHECKPOINT" "checkpoint.save_dir=$save" \
                 "${extra[@]}" "${OVERRIDES[@]}" 2>&1 | tee "$save/train.log"; then
             echo "error: fine-tuning $task (lr $lr) failed; see $save/train.log" >&2

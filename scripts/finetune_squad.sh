@@ -3,7 +3,9 @@
 # Run with --help for the details.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$SCRIPT_DIR/lib/common.sh"
+REPO="$(d2v_repo_dir "$SCRIPT_DIR")"
 
 usage() {
     cat <<EOF
@@ -79,7 +81,7 @@ rm -f "$SAVE_DIR/predictions.json" "$SAVE_DIR/null_odds.json"
 
 echo "== fine-tuning $CHECKPOINT on SQuAD $VERSION ($CONFIG) into $SAVE_DIR" >&2
 rc=0
-"$TRAIN" --config-dir "$REPO/config" --config-name "$CONFIG" \
+d2v_hydra_train "$TRAIN" "$REPO/config" "$CONFIG" \
     "task.data=$DATA" "task.version_2_with_negative=$V2" "model.model_path=$CHECKPOINT" \
     "checkpoint.save_dir=$SAVE_DIR" "${OVERRIDES[@]}" 2>&1 | tee "$SAVE_DIR/train.log" >&2 || rc=$?
 [[ $rc -eq 0 ]] || die "training failed (exit $rc); see $SAVE_DIR/train.log"

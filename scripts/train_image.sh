@@ -42,41 +42,11 @@ log() { echo "[train_image] $*"; }
 die() { echo "[train_image] error: $*" >&2; exit 1; }
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-config_dir="$(cd "$script_dir/../config" && pwd)"
+source "$script_dir/lib/common.sh"
+config_dir="$(d2v_config_dir "$script_dir")"
 
-DATA=""
-GPUS=""
-UPDATE_FREQ=""
-SAVE_DIR=""
-CONFIG=""
-CPU=0
-overrides=()
-need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see --help)"; }
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --gpus) need_value "$@"; GPUS="$2"; shift 2 ;;
-        --update-freq) need_value "$@"; UPDATE_FREQ="$2"; shift 2 ;;
-        --save-dir) need_value "$@"; SAVE_DIR="$2"; shift 2 ;;
-        --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
-        --cpu) CPU=1; shift ;;
-        -h|--help) usage; exit 0 ;;
-        -*) die "unknown option '$1' (see --help)" ;;
-        *=*) overrides+=("$1"); shift ;;
-        *)
-            [[ -z "$DATA" ]] || die "more than one data directory given ('$DATA', '$1')"
-            DATA="$1"; shift ;;
-    esac
-done
-[[ -z "$GPUS" || "$GPUS" =~ ^[1-9][0-9]*$ ]] || die "--gpus must be a positive integer, got '$GPUS'"
-[[ -z "$UPDATE_FREQ" || "$UPDATE_FREQ" =~ ^[1-9][0-9]*$ ]] || die "--update-freq must be a positive integer, got '$UPDATE_FREQ'"
-
-TRAIN="${FAIRSEQ_HYDRA_TRAIN:-$(command -v fairseq-hydra-train || true)}"
-[[ -n "$TRAIN" && -x "$TRAIN" ]] \
-    || die "fairseq-hydra-train not found: install the plugin (pip install -e . in this repository) and activate its environment"
-if [[ -z "${PYTHON:-}" ]]; then
-    PYTHON="$(dirname "$TRAIN")/python"
-    [[ -x "$PYTHON" ]] || PYTHON=python
-fi
+d2v_parse_pretrain_args "$@"
+d2v_find_hydra_train
 
 # Writes scikit-learn's digits as DIR/{train,val}/<digit>/<n>.png (every 10th image to val).
 write_digits() {
@@ -119,31 +89,13 @@ else
     CONFIG="${CONFIG:-image_base}"
     [[ -d "$DATA/train" ]] || die "$DATA/train does not exist: expected $DATA/train/<class>/<image> (see datasets/imagenet/prepare.sh)"
 fi
-DATA="$(cd "$DATA" && pwd)"
-[[ -f "$config_dir/pretraining/$CONFIG.yaml" ]] || die "no config $config_dir/pretraining/$CONFIG.yaml"
-SAVE_DIR="${SAVE_DIR:-checkpoints/$CONFIG}"
-mkdir -p "$SAVE_DIR"
-SAVE_DIR="$(cd "$SAVE_DIR" && pwd)"
+d2v_resolve_pretrain_paths "$config_dir"
 
-if [[ $CPU -eq 1 ]]; then
-    args+=(common.cpu=true common.fp16=false distributed_training.distributed_world_size=1)
-    [[ -z "$UPDATE_FREQ" ]] || args+=("optimization.update_freq=[$UPDATE_FREQ]")
-    log "training $CONFIG on the CPU"
-else
-    visible="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-    [[ "$visible" =~ ^[0-9]+$ && "$visible" -gt 0 ]] || die "no CUDA GPU visible; use --cpu (slow) or run without DATA_DIR for the CPU smoke test"
-    GPUS="${GPUS:-$visible}"
-    [[ "$GPUS" -le "$visible" ]] || die "--gpus $GPUS but only $visible GPU(s) visible (multi-node runs: pass fairseq's distributed_training.* overrides)"
-    UPDATE_FREQ="${UPDATE_FREQ:-$(( (16 + GPUS - 1) / GPUS ))}"
-    args+=(common.cpu=false "distributed_training.distributed_world_size=$GPUS" "optimization.update_freq=[$UPDATE_FREQ]")
-    log "training $CONFIG on $GPUS GPU(s), update_freq $UPDATE_FREQ"
+if [[ $CPU -eq 0 ]]; then
+    d2v_detect_gpus
+    GPUS="${GPUS:-$VISIBLE_GPUS}"
+    [[ "$GPUS" -le "$VISIBLE_GPUS" ]] || die "--gpus $GPUS but only $VISIBLE_GPUS GPU(s) visible (multi-node runs: pass fairseq's distributed_training.* overrides)"
 fi
-if [[ -f "$SAVE_DIR/checkpoint_last.pt" ]]; then
-    log "resuming from $SAVE_DIR/checkpoint_last.pt"
-fi
-
-"$TRAIN" --config-dir "$config_dir" --config-name "pretraining/$CONFIG" \
-    "task.data=$DATA" "checkpoint.save_dir=$SAVE_DIR" "${args[@]}" "${overrides[@]}"
-
-log "done. checkpoints: $SAVE_DIR (checkpoint_last.pt)"
-log "load the encoder with: python -c \"import d2v_plugin; enc = d2v_plugin.load_encoder('$SAVE_DIR/checkpoint_last.pt')\""
+# the recipe's batch: 16 GPUs x 16 images
+d2v_add_pretrain_device_args args 16
+d2v_run_pretraining "$config_dir" "${args[@]}"

@@ -3,7 +3,8 @@
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_DIR="$(dirname "$SCRIPT_DIR")"
+source "$SCRIPT_DIR/lib/common.sh"
+REPO_DIR="$(d2v_repo_dir "$SCRIPT_DIR")"
 CONFIG_DIR="$REPO_DIR/config"
 PYTHON="${PYTHON:-python}"
 
@@ -24,9 +25,9 @@ Re-running the same command resumes from SAVE_DIR/checkpoint_last.pt.
 Options:
   --config NAME      config under config/ (default: pretraining/text_tiny without DATA_DIR,
                      pretraining/text_base with it)
-  --save-dir DIR     where checkpoints go (default: runs/text_tiny or runs/text_base under
+  --save-dir DIR     where checkpoints go (default: checkpoints/text_tiny or checkpoints/text_base under
                      the current directory)
-  --work-dir DIR     where the quick start writes its corpus and vocabulary (default: runs/data)
+  --work-dir DIR     where the quick start writes its corpus and vocabulary (default: data/text_demo)
   --gpus N           GPUs to train on (default: all visible; 0 = CPU)
   --update-freq N    gradient accumulation steps (default with GPUs: 16 / gpus, so that the
                      base recipe keeps Meta's 16-GPU batch)
@@ -37,7 +38,9 @@ e.g. dataset.batch_size=8 optimization.lr=[0.0001].
 USAGE
 }
 
-DATA=""; CONFIG=""; SAVE_DIR=""; WORK_DIR="runs/data"; GPUS=""; UPDATE_FREQ=""; MAX_UPDATE=""
+say() { echo "== $*"; }
+
+DATA=""; CONFIG=""; SAVE_DIR=""; WORK_DIR="data/text_demo"; GPUS=""; UPDATE_FREQ=""; MAX_UPDATE=""
 OVERRIDES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -64,9 +67,9 @@ fi
 
 if [[ -z "$DATA" ]]; then
   CONFIG="${CONFIG:-pretraining/text_tiny}"
-  SAVE_DIR="${SAVE_DIR:-runs/text_tiny}"
+  SAVE_DIR="${SAVE_DIR:-checkpoints/text_tiny}"
   GPUS="${GPUS:-0}"
-  echo "== quick start: embedded corpus (Python's documentation) -> sentencepiece -> binarized data in $WORK_DIR"
+  say "quick start: embedded corpus (Python's documentation) -> sentencepiece -> binarized data in $WORK_DIR"
   "$PYTHON" -m d2v_plugin.prep.text --default-corpus --out "$WORK_DIR" --vocab-size 4000 --workers 2
   DATA="$WORK_DIR/bin"
 else
@@ -75,27 +78,25 @@ else
     exit 1
   fi
   CONFIG="${CONFIG:-pretraining/text_base}"
-  SAVE_DIR="${SAVE_DIR:-runs/text_base}"
+  SAVE_DIR="${SAVE_DIR:-checkpoints/text_base}"
   if [[ -z "$GPUS" ]]; then
-    GPUS="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
+    GPUS="$(d2v_gpu_count)"
   fi
 fi
 
 ARGS=("task.data=$(cd "$DATA" && pwd)" "checkpoint.save_dir=$SAVE_DIR")
 if [[ "$GPUS" == "0" ]]; then
-  ARGS+=("common.cpu=true" "common.fp16=false" "distributed_training.distributed_world_size=1")
-  [[ -n "$UPDATE_FREQ" ]] && ARGS+=("optimization.update_freq=[$UPDATE_FREQ]")
+  d2v_add_cpu_args ARGS "$UPDATE_FREQ"
 else
-  if [[ -z "$UPDATE_FREQ" ]]; then UPDATE_FREQ=$(( (16 + GPUS - 1) / GPUS )); fi
-  ARGS+=("distributed_training.distributed_world_size=$GPUS" "optimization.update_freq=[$UPDATE_FREQ]")
+  # the base recipe's batch: 16 GPUs
+  if [[ -z "$UPDATE_FREQ" ]]; then UPDATE_FREQ="$(d2v_default_update_freq 16 "$GPUS")"; fi
+  d2v_add_gpu_args ARGS "$GPUS" "$UPDATE_FREQ"
 fi
 [[ -n "$MAX_UPDATE" ]] && ARGS+=("optimization.max_update=$MAX_UPDATE")
 
-if [[ -f "$SAVE_DIR/checkpoint_last.pt" ]]; then
-  echo "== resuming from $SAVE_DIR/checkpoint_last.pt"
-fi
-echo "== fairseq-hydra-train --config-dir $CONFIG_DIR --config-name $CONFIG ${ARGS[*]} ${OVERRIDES[*]:-}"
-fairseq-hydra-train --config-dir "$CONFIG_DIR" --config-name "$CONFIG" "${ARGS[@]}" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
+d2v_log_resume "$SAVE_DIR" say
+say "fairseq-hydra-train --config-dir $CONFIG_DIR --config-name $CONFIG ${ARGS[*]} ${OVERRIDES[*]:-}"
+d2v_hydra_train fairseq-hydra-train "$CONFIG_DIR" "$CONFIG" "${ARGS[@]}" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 
 cat <<DONE
 

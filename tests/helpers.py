@@ -61,3 +61,21 @@ def compat_dir() -> Path:
     if not SHARED_COMPAT.is_dir():
         pytest.skip(f"official-format checkpoints not found at {SHARED_COMPAT} (../shared/compat beside the checkout)")
     return SHARED_COMPAT
+
+
+def write_tiny_gpt2(d: Path) -> Path:
+    """Byte-level GPT-2 BPE files with three merges, in fairseq's file formats, written into
+    the directory ``d`` (created): encoder.json, vocab.bpe and dict.txt. Returns ``d``."""
+    import json
+
+    from fairseq.data.encoders.gpt2_bpe_utils import bytes_to_unicode
+
+    d.mkdir(parents=True, exist_ok=True)
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    symbols = list(bytes_to_unicode().values()) + ["".join(m) for m in merges]
+    (d / "encoder.json").write_text(json.dumps({s: i for i, s in enumerate(symbols)}))
+    (d / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                 encoding="utf-8")
+    # fairseq's dict.txt lists BPE ids by frequency, not in id order
+    (d / "dict.txt").write_text("".join(f"{i} {i + 1}\n" for i in reversed(range(len(symbols)))))
+    return d

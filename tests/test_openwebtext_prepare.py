@@ -9,7 +9,6 @@ import functools
 import hashlib
 import http.server
 import io
-import json
 import os
 import re
 import socket
@@ -22,6 +21,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from helpers import write_tiny_gpt2
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "datasets" / "openwebtext" / "prepare.sh"
@@ -60,19 +61,6 @@ def owt_archive():
             i += 1
         members[f"openwebtext/{shard}"] = tar_xz(docs)
     return tar_xz(members)
-
-
-def write_tiny_gpt2(d):
-    """Byte-level GPT-2 BPE files with three merges, in fairseq's file formats."""
-    from fairseq.data.encoders.gpt2_bpe_utils import bytes_to_unicode
-
-    d.mkdir(parents=True, exist_ok=True)
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
-    symbols = list(bytes_to_unicode().values()) + ["".join(m) for m in merges]
-    (d / "encoder.json").write_text(json.dumps({s: i for i, s in enumerate(symbols)}))
-    (d / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                 encoding="utf-8")
-    (d / "dict.txt").write_text("".join(f"{i} {i + 1}\n" for i in reversed(range(len(symbols)))))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Tests of ``python -m d2v_plugin.prep.text``: raw text -> fairseq-binarized corpus."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from d2v_plugin.prep import text as prep
+from helpers import write_tiny_gpt2
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron "
@@ -52,21 +52,6 @@ def check_matches_tok(bin_dir, out, split):
         assert dictionary.unk() not in item.tolist()
         assert dictionary.string(item) == line
     return dictionary, dataset
-
-
-def write_tiny_gpt2(d):
-    """Byte-level GPT-2 BPE files with three merges, in fairseq's file formats."""
-    from fairseq.data.encoders.gpt2_bpe_utils import bytes_to_unicode
-
-    d.mkdir(parents=True, exist_ok=True)
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
-    symbols = list(bytes_to_unicode().values()) + ["".join(m) for m in merges]
-    (d / "encoder.json").write_text(json.dumps({s: i for i, s in enumerate(symbols)}))
-    (d / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                 encoding="utf-8")
-    # fairseq's dict.txt lists BPE ids by frequency, not in id order
-    (d / "dict.txt").write_text("".join(f"{i} {i + 1}\n" for i in reversed(range(len(symbols)))))
-    return d
 
 
 @pytest.fixture(scope="module")

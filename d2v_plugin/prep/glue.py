@@ -120,6 +120,18 @@ def extract(archive: Path, raw_dir: Path, task: GlueTask) -> Path:
     return folder
 
 
+def _senteval_mrpc_rows(path: Path):
+    """The rows of a SentEval MRPC file, each a list of its 5 tab-separated fields (quality or
+    index, #1 ID, #2 ID, #1 String, #2 String); the header line and blank lines are skipped."""
+    for lineno, line in _lines(path):
+        if lineno == 1 or not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 5:
+            raise PrepError(f"{path}:{lineno}: expected 5 tab-separated fields, found {len(parts)}")
+        yield parts
+
+
 def build_mrpc(downloads: Path, raw_dir: Path) -> Path:
     """GLUE's MRPC train/dev/test TSVs from the SentEval files and GLUE's list of dev pairs."""
     folder = raw_dir / "MRPC"
@@ -141,27 +153,13 @@ def build_mrpc(downloads: Path, raw_dir: Path) -> Path:
     with open(folder / "train.tsv", "w", encoding="utf-8") as tr, open(folder / "dev.tsv", "w", encoding="utf-8") as dv:
         tr.write(header)
         dv.write(header)
-        for lineno, line in _lines(train_txt):
-            if lineno == 1 or not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 5:
-                raise PrepError(f"{train_txt}:{lineno}: expected 5 tab-separated fields, found {len(parts)}")
-            label, id1, id2, s1, s2 = parts
+        for label, id1, id2, s1, s2 in _senteval_mrpc_rows(train_txt):
             out = dv if (id1, id2) in dev_ids else tr
             out.write(f"{label}\t{id1}\t{id2}\t{s1}\t{s2}\n")
     with open(folder / "test.tsv", "w", encoding="utf-8") as te:
         te.write("index\t#1 ID\t#2 ID\t#1 String\t#2 String\n")
-        idx = 0
-        for lineno, line in _lines(test_txt):
-            if lineno == 1 or not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 5:
-                raise PrepError(f"{test_txt}:{lineno}: expected 5 tab-separated fields, found {len(parts)}")
-            _, id1, id2, s1, s2 = parts
+        for idx, (_, id1, id2, s1, s2) in enumerate(_senteval_mrpc_rows(test_txt)):
             te.write(f"{idx}\t{id1}\t{id2}\t{s1}\t{s2}\n")
-            idx += 1
     (folder / ".extracted").write_text("ok\n")
     return folder
 

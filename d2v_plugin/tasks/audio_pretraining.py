@@ -17,6 +17,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.audio_dataset import AudioManifestDataset
+from ._common import NoDictionaryMixin, check_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +42,12 @@ class D2vAudioPretrainingConfig(FairseqDataclass):
 
 
 @register_task("d2v_audio_pretraining", dataclass=D2vAudioPretrainingConfig)
-class D2vAudioPretrainingTask(FairseqTask):
+class D2vAudioPretrainingTask(NoDictionaryMixin, FairseqTask):
     cfg: D2vAudioPretrainingConfig
 
     @classmethod
     def setup_task(cls, cfg: D2vAudioPretrainingConfig, **kwargs):
-        if not os.path.isdir(cfg.data):
-            raise FileNotFoundError(f"task.data: directory {cfg.data!r} does not exist; {HOW_TO_PREPARE}")
+        check_data_dir(cfg.data, HOW_TO_PREPARE)
         return cls(cfg)
 
     def load_dataset(self, split: str, epoch=1, combine=False, **kwargs):
@@ -72,14 +72,6 @@ class D2vAudioPretrainingTask(FairseqTask):
 
     def max_positions(self):
         return sys.maxsize, sys.maxsize
-
-    @property
-    def source_dictionary(self):
-        return None
-
-    @property
-    def target_dictionary(self):
-        return None
 
     def get_batch_iterator(self, dataset, max_tokens=None, *args, **kwargs):
         if max_tokens and isinstance(dataset, AudioManifestDataset) and len(dataset):

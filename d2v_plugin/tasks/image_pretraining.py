@@ -14,6 +14,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.image_dataset import ImageDataError, ImageFolderDataset
+from ._common import NoDictionaryMixin, check_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +32,12 @@ class ImagePretrainingConfig(FairseqDataclass):
 
 
 @register_task("d2v_image_pretraining", dataclass=ImagePretrainingConfig)
-class ImagePretrainingTask(FairseqTask):
+class ImagePretrainingTask(NoDictionaryMixin, FairseqTask):
     cfg: ImagePretrainingConfig
 
     @classmethod
     def setup_task(cls, cfg: ImagePretrainingConfig, **kwargs):
-        if not os.path.isdir(cfg.data):
-            raise FileNotFoundError(f"task.data: directory {cfg.data!r} does not exist; {LAYOUT}")
+        check_data_dir(cfg.data, LAYOUT)
         return cls(cfg)
 
     def split_dir(self, split: str) -> str:
@@ -66,14 +66,6 @@ class ImagePretrainingTask(FairseqTask):
             raise ImageDataError(f"split {split!r}: {e}") from None
         logger.info(f"{split}: {len(dataset)} images in {len(dataset.classes)} classes from {root}")
         self.datasets[split] = dataset
-
-    @property
-    def source_dictionary(self):
-        return None
-
-    @property
-    def target_dictionary(self):
-        return None
 
     def max_positions(self):
         return None

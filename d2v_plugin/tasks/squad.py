@@ -36,6 +36,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.squad_features import SquadData, build_features, build_tokenizer, decode_example, read_squad
+from ._common import TextDictionaryMixin, check_data_dir, load_text_dictionary
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ class SquadQuestionDataset(FairseqDataset):
 
 
 @register_task("d2v_squad", dataclass=SquadConfig)
-class SquadTask(FairseqTask):
+class SquadTask(TextDictionaryMixin, FairseqTask):
     cfg: SquadConfig
 
     def __init__(self, cfg: SquadConfig, dictionary: Dictionary, tokenizer):
@@ -197,14 +198,12 @@ class SquadTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: SquadConfig, **kwargs):
-        if not os.path.isdir(cfg.data):
-            raise FileNotFoundError(f"task.data: directory {cfg.data!r} does not exist; datasets/squad/prepare.sh --out DIR writes one")
+        check_data_dir(cfg.data, "datasets/squad/prepare.sh --out DIR writes one")
         if not os.path.isfile(cfg.dict_path):
             raise FileNotFoundError(f"task.dict_path: {cfg.dict_path} does not exist (the dict.txt of pretraining)")
         if cfg.doc_stride < 1 or cfg.max_seq_length < 8 or cfg.max_answer_length < 1 or cfg.n_best_size < 1:
             raise ValueError("task.doc_stride, max_answer_length and n_best_size must be >= 1 and max_seq_length >= 8")
-        dictionary = Dictionary.load(cfg.dict_path)
-        dictionary.add_symbol("<mask>")  # as in pretraining: the vocabulary sizes must agree
+        dictionary = load_text_dictionary(cfg.dict_path)
         beside = os.path.dirname(os.path.abspath(cfg.dict_path))
         tokenizer = build_tokenizer(
             cfg.bpe,
@@ -215,14 +214,6 @@ class SquadTask(FairseqTask):
         )
         logger.info(f"dictionary {cfg.dict_path}: {len(dictionary)} types; tokenizer {tokenizer.name}")
         return cls(cfg, dictionary, tokenizer)
-
-    @property
-    def source_dictionary(self):
-        return self.dictionary
-
-    @property
-    def target_dictionary(self):
-        return self.dictionary
 
     def max_positions(self):
         return self.cfg.max_seq_length

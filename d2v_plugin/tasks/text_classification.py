@@ -45,6 +45,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..criteria.sentence_prediction import forget_predictions
+from ._common import TextDictionaryMixin, check_data_dir, load_text_dictionary
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class TextClassificationConfig(FairseqDataclass):
 
 
 @register_task("d2v_sentence_prediction", dataclass=TextClassificationConfig)
-class TextClassificationTask(FairseqTask):
+class TextClassificationTask(TextDictionaryMixin, FairseqTask):
     cfg: TextClassificationConfig
 
     def __init__(self, cfg: TextClassificationConfig, dictionary: Dictionary, label_dictionary: Optional[Dictionary]):
@@ -83,13 +84,9 @@ class TextClassificationTask(FairseqTask):
     def setup_task(cls, cfg: TextClassificationConfig, **kwargs):
         if cfg.num_classes <= 0:
             raise ValueError("task.num_classes must be set: the number of classes (1 for a single regression score)")
-        if not os.path.isdir(cfg.data):
-            raise FileNotFoundError(f"task.data: directory {cfg.data!r} does not exist; {HOW_TO_PREPARE}")
+        check_data_dir(cfg.data, HOW_TO_PREPARE)
         dict_path = os.path.join(cfg.data, "input0", "dict.txt")
-        if not os.path.isfile(dict_path):
-            raise FileNotFoundError(f"task.data: {dict_path} is missing; {HOW_TO_PREPARE}")
-        dictionary = Dictionary.load(dict_path)
-        dictionary.add_symbol("<mask>")  # as in pretraining: vocabulary sizes must match
+        dictionary = load_text_dictionary(dict_path, missing_hint=HOW_TO_PREPARE)
         logger.info(f"[input] dictionary {dict_path}: {len(dictionary)} types")
         label_dictionary = None
         if not cfg.regression_target:
@@ -115,14 +112,6 @@ class TextClassificationTask(FairseqTask):
             logger.warning(f"{path} lists {len(names)} labels, fewer than task.num_classes={cfg.num_classes}")
         logger.info(f"[label] dictionary {path}: {len(names)} labels ({', '.join(names[:20])})")
         return labels
-
-    @property
-    def source_dictionary(self):
-        return self.dictionary
-
-    @property
-    def target_dictionary(self):
-        return self.dictionary
 
     @property
     def label_dictionary(self):

@@ -25,6 +25,8 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
+from ._common import TextDictionaryMixin, check_data_dir, load_text_dictionary
+
 logger = logging.getLogger(__name__)
 
 HOW_TO_PREPARE = "prepare one with `python -m d2v_plugin.prep.text --corpus TEXT --out DIR` (then task.data=DIR/bin)"
@@ -42,7 +44,7 @@ class TextPretrainingConfig(FairseqDataclass):
 
 
 @register_task("d2v_text_pretraining", dataclass=TextPretrainingConfig)
-class TextPretrainingTask(FairseqTask):
+class TextPretrainingTask(TextDictionaryMixin, FairseqTask):
     cfg: TextPretrainingConfig
 
     def __init__(self, cfg: TextPretrainingConfig, dictionary: Dictionary):
@@ -52,24 +54,11 @@ class TextPretrainingTask(FairseqTask):
     @classmethod
     def setup_task(cls, cfg: TextPretrainingConfig, **kwargs):
         data = cfg.data.split(os.pathsep)[0]
-        if not os.path.isdir(data):
-            raise FileNotFoundError(f"task.data: directory {data!r} does not exist; {HOW_TO_PREPARE}")
+        check_data_dir(data, HOW_TO_PREPARE)
         dict_path = os.path.join(data, "dict.txt")
-        if not os.path.isfile(dict_path):
-            raise FileNotFoundError(f"task.data: {dict_path} is missing; {HOW_TO_PREPARE}")
-        dictionary = Dictionary.load(dict_path)
-        # Meta's text models reserve a <mask> symbol; adding it keeps vocabularies identical
-        dictionary.add_symbol("<mask>")
+        dictionary = load_text_dictionary(dict_path, missing_hint=HOW_TO_PREPARE)
         logger.info(f"dictionary {dict_path}: {len(dictionary)} types")
         return cls(cfg, dictionary)
-
-    @property
-    def source_dictionary(self):
-        return self.dictionary
-
-    @property
-    def target_dictionary(self):
-        return self.dictionary
 
     def max_positions(self):
         return self.cfg.tokens_per_sample

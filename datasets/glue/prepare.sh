@@ -3,6 +3,8 @@
 # Run with --help for the details.
 set -euo pipefail
 
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/download.sh"
+
 BASE_URL="https://dl.fbaipublicfiles.com"
 ALL_TASKS="cola,mnli,mrpc,qnli,qqp,rte,sst_2,sts_b,wnli"
 
@@ -141,34 +143,30 @@ verify() {  # verify FILE NAME
     local file="$1" name="$2" expected size actual
     [[ $VERIFY -eq 1 && -n "${SHA256[$name]+x}" ]] || return 0
     read -r expected size <<<"${SHA256[$name]}"
-    actual=$(stat -c %s "$file")
+    actual=$(file_size "$file")
     if [[ "$actual" != "$size" ]]; then
         mv -f "$file" "$file.bad"
         die "$name: size $actual bytes, expected $size (truncated or wrong file; kept as $file.bad). Re-run to download it again, or pass --no-verify for a mirror with other files."
     fi
-    actual=$(sha256sum "$file" | cut -d' ' -f1)
+    actual=$(sha256_of "$file")
     if [[ "$actual" != "$expected" ]]; then
         mv -f "$file" "$file.bad"
         die "$name: SHA-256 mismatch ($actual, expected $expected; kept as $file.bad). Re-run to download it again, or pass --no-verify for a mirror with other files."
     fi
 }
 
+DOWNLOAD_CURL_OPTIONS=(--fail --location --silent --show-error --retry 3 --retry-delay 2)
+# HTTP 416 to a resumed download (DEST.part already complete) stays an error here, as it always was
+
 fetch() {  # fetch URL DEST: download to DEST.part (resuming), verify, rename
-    local url="$1" dest="$2" name rc
+    local url="$1" dest="$2" name
     name="$(basename "$dest")"
     if [[ -f "$dest" ]]; then
         echo "[download] $name: present"
         return 0
     fi
     echo "[download] $url"
-    rc=0
-    curl --fail --location --silent --show-error --retry 3 --retry-delay 2 -C - -o "$dest.part" "$url" || rc=$?
-    if [[ $rc -eq 33 ]]; then  # the server cannot resume: start over
-        rm -f "$dest.part"
-        rc=0
-        curl --fail --location --silent --show-error --retry 3 --retry-delay 2 -o "$dest.part" "$url" || rc=$?
-    fi
-    [[ $rc -eq 0 ]] || die "download of $url failed (curl exit $rc); re-run to resume"
+    download_resuming "$url" "$dest.part" || die "download of $url failed (curl exit $?); re-run to resume"
     verify "$dest.part" "$name"
     mv -f "$dest.part" "$dest"
 }

@@ -5,6 +5,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$HERE/../.." && pwd)"
+source "$HERE/../lib/download.sh"
 OPENSLR_URL="https://www.openslr.org/resources/12"
 ALL_SPLITS="train-clean-100,train-clean-360,train-other-500,dev-clean,dev-other,test-clean,test-other"
 DEFAULT_MD5_FILE="$HERE/md5sum.txt"
@@ -87,9 +88,7 @@ done
 [[ -n "$OUT" ]] || die "--out DIR is required (see --help)"
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer, got '$WORKERS'"
 [[ -f "$MD5_FILE" ]] || die "MD5 file $MD5_FILE does not exist"
-for tool in curl tar gzip md5sum; do
-    command -v "$tool" >/dev/null || die "'$tool' is required but not installed"
-done
+require_tools curl tar gzip md5sum
 
 IFS=', ' read -r -a SPLIT_LIST <<<"$SPLITS"
 [[ ${#SPLIT_LIST[@]} -gt 0 ]] || die "--splits is empty"
@@ -113,27 +112,21 @@ expected_md5() {
     echo "${sum,,}"
 }
 
+progress=(-sS)
+if [[ -t 2 ]]; then progress=(--progress-bar); fi   # a progress bar on a terminal
+DOWNLOAD_CURL_OPTIONS=(-fL --retry 5 --retry-delay 5 --connect-timeout 30 "${progress[@]}")
+on_download_complete() { log "$1 already holds the whole file"; }
+on_download_restart() { log "the server cannot resume downloads; downloading $1 from the start"; }
+
 # fetch URL PART: download URL into PART, continuing what PART already holds.
 fetch() {
-    local url="$1" part="$2" rc=0 code progress=(-sS)
-    [[ -t 2 ]] && progress=(--progress-bar)
-    local curl_args=(-fL --retry 5 --retry-delay 5 --connect-timeout 30 "${progress[@]}" -w '%{http_code}')
+    local url="$1" part="$2"
     if [[ -s "$part" ]]; then
-        log "resuming $url at byte $(stat -c %s "$part")"
+        log "resuming $url at byte $(file_size "$part")"
     else
         log "downloading $url"
     fi
-    code="$(curl "${curl_args[@]}" -C - -o "$part" "$url")" || rc=$?
-    if [[ $rc -eq 22 && "$code" == 416 ]]; then
-        log "$part already holds the whole file"  # the requested range starts at its end
-        rc=0
-    elif [[ $rc -eq 33 ]]; then
-        log "the server cannot resume downloads; downloading $url from the start"
-        rm -f "$part"
-        rc=0
-        curl "${curl_args[@]}" -o "$part" "$url" >/dev/null || rc=$?
-    fi
-    [[ $rc -eq 0 ]] || die "download of $url failed (curl exit $rc); re-run to resume"
+    download_resuming "$url" "$part" || die "download of $url failed (curl exit $?); re-run to resume"
 }
 
 # verify FILE NAME: MD5 check; a corrupt file is moved to DIR/download/NAME.bad.
@@ -141,7 +134,7 @@ verify() {
     local file="$1" name="$2" want got
     want="$(expected_md5 "$name")"
     log "checking the MD5 of $name ($(du -h "$file" | cut -f1))"
-    got="$(md5sum "$file" | cut -d' ' -f1)"
+    got="$(md5_of "$file")"
     if [[ "$got" != "$want" ]]; then
         mv -f "$file" "$OUT/download/$name.bad"
         die "$name is corrupt: MD5 $got, expected $want (from $MD5_FILE); moved it to $OUT/download/$name.bad. Re-run to download it again."

@@ -3,6 +3,8 @@
 # Run with --help for the details.
 set -euo pipefail
 
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/download.sh"
+
 ZENODO_URL="https://zenodo.org/record/3834942/files"
 GPT2_URL="https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe"
 ARCHIVE="openwebtext.tar.xz"
@@ -99,9 +101,7 @@ done
 [[ "$TOKENIZER" == gpt2 || "$TOKENIZER" == sentencepiece ]] \
     || die "--tokenizer must be gpt2 or sentencepiece, got '$TOKENIZER'"
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer, got '$WORKERS'"
-for tool in curl xz tar sha256sum; do
-    command -v "$tool" >/dev/null || die "'$tool' is required but not installed"
-done
+require_tools curl xz tar sha256sum
 
 if [[ -n "$MIRROR" ]]; then
     ARCHIVE_URL="$MIRROR/$ARCHIVE"
@@ -119,33 +119,26 @@ is_done() { [[ -f "$DONE/$1" ]]; }
 mark_done() { touch "$DONE/$1"; }
 skip_msg() { log "step $1: already done ($DONE/$1), skipped"; }
 
+DOWNLOAD_CURL_OPTIONS=(-fL --retry 5 --retry-delay 5 --connect-timeout 30)
+on_download_complete() { log "$1 already holds the whole file"; }
+on_download_restart() { log "server cannot resume $1; downloading it from the start"; }
+
 # fetch URL PART: download URL into the file PART, resuming what PART already holds.
 fetch() {
-    local url="$1" part="$2" rc=0 code
-    local curl_args=(-fL --retry 5 --retry-delay 5 --connect-timeout 30 -w '%{http_code}')
+    local url="$1" part="$2"
     log "downloading $url"
-    code="$(curl "${curl_args[@]}" -C - -o "$part" "$url")" || rc=$?
-    if [[ $rc -eq 22 && "$code" == 416 ]]; then
-        log "$part already holds the whole file"   # range starts at its end
-        rc=0
-    elif [[ $rc -eq 33 ]]; then
-        log "server cannot resume $url; downloading it from the start"
-        rm -f "$part"
-        rc=0
-        curl "${curl_args[@]}" -o "$part" "$url" >/dev/null || rc=$?
-    fi
-    [[ $rc -eq 0 ]] || die "download of $url into $part failed (curl exit $rc); re-run to resume"
+    download_resuming "$url" "$part" || die "download of $url into $part failed (curl exit $?); re-run to resume"
 }
 
 # verify_archive FILE: checksum (or integrity test); a bad file is moved to FILE.bad.
 verify_archive() {
     local file="$1" reason=""
-    if [[ "$SHA256" == "$ARCHIVE_SHA256" && "$(stat -c %s "$file")" != "$ARCHIVE_BYTES" ]]; then
-        reason="size is $(stat -c %s "$file") bytes, expected $ARCHIVE_BYTES"
+    if [[ "$SHA256" == "$ARCHIVE_SHA256" && "$(file_size "$file")" != "$ARCHIVE_BYTES" ]]; then
+        reason="size is $(file_size "$file") bytes, expected $ARCHIVE_BYTES"
     elif [[ "$SHA256" != none ]]; then
         log "checking the SHA-256 of $file"
         local got
-        got="$(sha256sum "$file" | cut -d' ' -f1)"
+        got="$(sha256_of "$file")"
         [[ "$got" == "$SHA256" ]] || reason="SHA-256 is $got, expected $SHA256"
     else
         log "testing the integrity of $file (xz -t, tar -t)"

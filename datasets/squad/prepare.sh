@@ -3,6 +3,8 @@
 # Run with --help for the details.
 set -euo pipefail
 
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/download.sh"
+
 BASE_URL="https://rajpurkar.github.io/SQuAD-explorer/dataset"
 # SHA-256 and size of the official files (the same values are pinned by ParlAI and by the
 # Hugging Face datasets checksum files for these URLs).
@@ -71,33 +73,26 @@ case "$VERSION" in
     all) VERSIONS=(1.1 2.0) ;;
     *) die "--version must be 1.1, 2.0 or all, got '$VERSION'" ;;
 esac
-for tool in curl sha256sum; do
-    command -v "$tool" >/dev/null || die "'$tool' is required but not installed"
-done
+require_tools curl sha256sum
 command -v "$PYTHON" >/dev/null || die "Python interpreter '$PYTHON' not found (set PYTHON)"
 BASE="${MIRROR:-$BASE_URL}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 
+DOWNLOAD_CURL_OPTIONS=(-fsSL --retry 3 --retry-delay 2 --connect-timeout 30)
+DOWNLOAD_QUIET_RESUME=1   # a failure is reported below, with its HTTP status
+on_download_restart() { log "the server cannot resume; downloading $1 from the start"; }
+
 # fetch URL PART: download URL into PART, resuming what PART already holds.
 fetch() {
-    local url="$1" part="$2" rc=0 code
-    local curl_args=(-fsSL --retry 3 --retry-delay 2 --connect-timeout 30 -w '%{http_code}')
+    local url="$1" part="$2"
     if [[ -s "$part" ]]; then
-        log "resuming $url ($(stat -c %s "$part") bytes already in $part)"
+        log "resuming $url ($(file_size "$part") bytes already in $part)"
     else
         log "downloading $url"
     fi
-    code="$(curl "${curl_args[@]}" -C - -o "$part" "$url" 2>/dev/null)" || rc=$?
-    if [[ $rc -eq 22 && "$code" == 416 ]]; then
-        rc=0   # the range starts at the end: PART already holds the whole file
-    elif [[ $rc -eq 33 ]]; then
-        log "the server cannot resume; downloading $url from the start"
-        rm -f "$part"
-        rc=0
-        curl "${curl_args[@]}" -o "$part" "$url" >/dev/null || rc=$?
-    fi
-    [[ $rc -eq 0 ]] || die "download of $url failed (curl exit $rc${code:+, HTTP $code}); re-run to resume"
+    download_resuming "$url" "$part" \
+        || die "download of $url failed (curl exit $?${DOWNLOAD_HTTP_CODE:+, HTTP $DOWNLOAD_HTTP_CODE}); re-run to resume"
 }
 
 # check_json FILE VERSION_FIELD: a SQuAD file of that version; prints a summary.
@@ -143,7 +138,7 @@ for version in "${VERSIONS[@]}"; do
         fetch "$BASE/$name" "$part"
         reason=""
         if [[ $CHECKSUM -eq 1 ]]; then
-            got="$(sha256sum "$part" | cut -d' ' -f1)"
+            got="$(sha256_of "$part")"
             [[ "$got" == "${SHA256[$name]}" ]] \
                 || reason="SHA-256 is $got, expected ${SHA256[$name]} (use --no-checksum for a mirror of other files)"
         fi

@@ -66,7 +66,7 @@ class Data2VecTextClassificationModel(BaseFairseqModel):
             raise ValueError("model.num_classes (default: task.num_classes) must be positive")
         if cfg.pretrained_model_args is None:
             encoder = _load_encoder(cfg.model_path, task)
-            args = OmegaConf.to_container(encoder.cfg, resolve=True, enum_to_str=True)
+            args = OmegaConf.to_container(OmegaConf.structured(encoder.cfg), resolve=True, enum_to_str=True)
             _remember(cfg, "pretrained_model_args", args)
             if cfg.no_pretrained_weights:
                 encoder = _encoder_from_args(args, task)
