@@ -12,7 +12,6 @@ import ast
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 from fairseq.data.data_utils import compute_block_mask_1d
@@ -206,9 +205,7 @@ class AudioEncoder(ModalityEncoder):
         hidden. Like Meta's, the masks ignore padding: pretraining crops, it does not pad.
         """
         cfg = self.modality_cfg
-        mask_prob = cfg.mask_prob
-        if cfg.mask_prob_min is not None and 0 <= cfg.mask_prob_min < mask_prob:
-            mask_prob = float(np.random.uniform(cfg.mask_prob_min, mask_prob))
+        mask_prob = self.mask_prob()
         if mask_prob <= 0:
             return None
 

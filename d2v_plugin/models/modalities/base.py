@@ -40,7 +40,7 @@ class ModalityConfig(FairseqDataclass):
     mask_length: int = field(default=5, metadata={"help": "span length; 1 masks independent steps"})
     add_masks: bool = field(default=False, metadata={"help": "unused; kept to read Meta's configs"})
     remove_masks: bool = field(default=False, metadata={"help": "unused; kept to read Meta's configs"})
-    mask_dropout: float = field(default=0.0, metadata={"help": "unused; kept to read Meta's configs"})
+    mask_dropout: float = field(default=0.0, metadata={"help": "speech/image block masks: fraction of each mask's steps randomly unmasked again"})
     encoder_zero_mask: bool = field(default=True, metadata={"help": "unused; kept to read Meta's configs"})
     mask_channel_prob: float = field(default=0.0, metadata={"help": "unused; kept to read Meta's configs"})
     mask_channel_length: int = field(default=64, metadata={"help": "unused; kept to read Meta's configs"})
@@ -102,11 +102,16 @@ class ModalityEncoder(nn.Module):
     def convert_padding_mask(self, x, padding_mask):
         return padding_mask
 
+    def mask_prob(self) -> float:
+        """This batch's mask probability: ``mask_prob``, or a draw from [mask_prob_min, mask_prob]."""
+        cfg = self.modality_cfg
+        if cfg.mask_prob_min is not None and 0 <= cfg.mask_prob_min < cfg.mask_prob:
+            return float(np.random.uniform(cfg.mask_prob_min, cfg.mask_prob))
+        return cfg.mask_prob
+
     def compute_mask(self, B: int, T: int, padding_mask, device, seed: Optional[MaskSeed]) -> Optional[MaskInfo]:
         cfg = self.modality_cfg
-        mask_prob = cfg.mask_prob
-        if cfg.mask_prob_min is not None and 0 <= cfg.mask_prob_min < mask_prob:
-            mask_prob = float(np.random.uniform(cfg.mask_prob_min, mask_prob))
+        mask_prob = self.mask_prob()
         if mask_prob <= 0:
             return None
         if cfg.mask_length == 1:

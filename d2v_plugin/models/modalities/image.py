@@ -12,7 +12,6 @@ of the hidden ones. Parameter names follow Meta's checkpoints
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -190,9 +189,7 @@ class ImageEncoder(ModalityEncoder):
             return super().compute_mask(B, T, padding_mask, device, seed)
         if T != self.num_patches:
             raise ValueError(f"expected {self.num_patches} patches to mask, got {T}")
-        mask_prob = cfg.mask_prob
-        if cfg.mask_prob_min is not None and 0 <= cfg.mask_prob_min < mask_prob:
-            mask_prob = float(np.random.uniform(cfg.mask_prob_min, mask_prob))
+        mask_prob = self.mask_prob()
         if mask_prob <= 0:
             return None
         mask = block_mask_2d(
