@@ -9,6 +9,7 @@ a few answer words that occur nowhere else.
 
 import json
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import BIN, REPO, compat_dir, env, hydra_train, run
 
@@ -381,8 +383,10 @@ def test_finetune_v1_learns_the_answers(squad_env, tmp_path):
     before = untrained_metrics(e, False, tmp_path / "untrained")
     assert (tmp_path / "untrained" / "predictions.json").is_file()
     save = tmp_path / "ft"
+    start = tmp_path / "pretrained_copy.pt"  # removed before re-loading: the fine-tuned file must suffice
+    shutil.copyfile(e["ckpt"], start)
     out = hydra_train("finetuning/squad/tiny", f"task.data={e['root'] / 'v1'}", *tokenizer_overrides(e),
-                      f"model.model_path={e['ckpt']}", f"checkpoint.save_dir={save}", "optimization.max_update=60").stdout
+                      f"model.model_path={start}", f"checkpoint.save_dir={save}", "optimization.max_update=60").stdout
     assert "SQuAD 1.1 evaluation of valid" in out
     result = json.loads((save / "eval.json").read_text())
     assert list(result) == ["exact_match", "f1"]
@@ -393,6 +397,14 @@ def test_finetune_v1_learns_the_answers(squad_env, tmp_path):
     qids = [qa["id"] for a in dev["data"] for p in a["paragraphs"] for qa in p["qas"]]
     assert sorted(predictions) == sorted(qids) == sorted(odds)
     assert set(predictions.values()) <= set(ANSWERS) | {""}
+
+    from fairseq import checkpoint_utils
+
+    start.unlink()
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(save / "checkpoint_last.pt")])
+    saved = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)["model"]
+    for name, value in models[0].state_dict().items():
+        torch.testing.assert_close(value, saved[name], msg=name)
 
 
 def test_finetune_script_v2(squad_env, tmp_path):

@@ -2,18 +2,21 @@
 
 For every token the head predicts a start and an end logit. An unanswerable question
 (SQuAD 2.0), or a window that does not contain the answer, is labelled with the first
-token (``<s>``): "no answer" is the span (0, 0).
+token (``<s>``): "no answer" is the span (0, 0). The pretrained encoder's architecture is
+recorded in ``model.pretrained_model_args``, so fine-tuned checkpoints re-load without
+``model.model_path``.
 """
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.nn as nn
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
-from .pretrained import load_pretrained_encoder
+from .pretrained import finetuning_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +25,10 @@ logger = logging.getLogger(__name__)
 class SpanQAConfig(FairseqDataclass):
     model_path: str = field(default=MISSING, metadata={"help": "pretrained data2vec text checkpoint (ours or Meta's data2vec_multi)"})
     head_dropout: float = field(default=0.0, metadata={"help": "dropout on the encoder output before the span head"})
+    pretrained_model_args: Any = field(
+        default=None,
+        metadata={"help": "set automatically at the first build: the pretrained encoder's config, so fine-tuned checkpoints re-load without model_path"},
+    )
 
 
 @register_model("d2v_span_qa", dataclass=SpanQAConfig)
@@ -39,7 +46,7 @@ class SpanQAModel(BaseFairseqModel):
     @classmethod
     def build_model(cls, cfg: SpanQAConfig, task):
         dictionary = task.source_dictionary
-        encoder = load_pretrained_encoder(cfg.model_path, "TEXT", dictionary)
+        encoder, _ = finetuning_encoder(cfg, task, "TEXT")
         limit = int(encoder.cfg.modalities.text.max_source_positions)
         wanted = task.max_positions()
         if wanted is not None and int(wanted) > limit:

@@ -19,10 +19,9 @@ from fairseq import utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.models.roberta.model import RobertaClassificationHead
-from omegaconf import II, MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf import II, MISSING
 
-from ...checkpoints import model_config
-from .pretrained import load_pretrained_encoder
+from .pretrained import encoder_from_args, finetuning_encoder, load_pretrained_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +63,10 @@ class Data2VecTextClassificationModel(BaseFairseqModel):
     def build_model(cls, cfg: Data2VecTextClassificationConfig, task):
         if cfg.num_classes <= 0:
             raise ValueError("model.num_classes (default: task.num_classes) must be positive")
-        if cfg.pretrained_model_args is None:
-            encoder = _load_encoder(cfg.model_path, task)
-            args = OmegaConf.to_container(OmegaConf.structured(encoder.cfg), resolve=True, enum_to_str=True)
-            _remember(cfg, "pretrained_model_args", args)
-            if cfg.no_pretrained_weights:
-                encoder = _encoder_from_args(args, task)
-        else:
-            # re-loading a fine-tuned checkpoint: its weights are loaded after this
-            encoder = _encoder_from_args(cfg.pretrained_model_args, task)
+        first_build = cfg.pretrained_model_args is None
+        encoder, args = finetuning_encoder(cfg, task, "TEXT", load=lambda path: _load_encoder(path, task))
+        if first_build and cfg.no_pretrained_weights:
+            encoder = encoder_from_args(args, task)
         _check_positions(encoder, task)
         return cls(cfg, encoder)
 
@@ -98,19 +92,6 @@ def _load_encoder(model_path, task):
         raise
 
 
-def _encoder_from_args(args, task):
-    """A randomly initialised encoder of the recorded architecture, as fine-tuning uses it."""
-    from ..data2vec2 import Data2VecMultiConfig, Data2VecMultiModel
-
-    if isinstance(args, DictConfig):
-        args = OmegaConf.to_container(args, resolve=True)
-    enc_cfg = model_config(dict(args), Data2VecMultiConfig)
-    enc_cfg.skip_ema = True
-    encoder = Data2VecMultiModel(enc_cfg, task=task, skip_ema=True)
-    encoder.remove_pretraining_modules()
-    return encoder
-
-
 def _check_positions(encoder, task):
     limit = encoder.cfg.modalities.text.max_source_positions
     wanted = task.max_positions() if hasattr(task, "max_positions") else None
@@ -119,18 +100,3 @@ def _check_positions(encoder, task):
             f"task.max_positions={wanted} exceeds the {limit} positions the pretrained encoder knows; "
             f"set task.max_positions={limit} (longer examples are then truncated, see task.shorten_method)"
         )
-
-
-def _remember(cfg, key, value):
-    """Set ``cfg.key`` on the model config and on the run's own config, which checkpoints save.
-
-    fairseq builds models from a merged copy of ``cfg.model`` whose parent is the run's
-    root config; writing there too is what makes the value reach ``checkpoint*.pt``.
-    """
-    cfg[key] = value
-    parent = cfg._get_parent() if OmegaConf.is_config(cfg) else None
-    node = parent.get("model") if parent is not None and "model" in parent else None
-    if node is not None and node is not cfg and node.get("_name") == cfg.get("_name"):
-        with open_dict(node):
-            node[key] = value
-
