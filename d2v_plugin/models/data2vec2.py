@@ -71,7 +71,6 @@ class Data2VecMultiConfig(FairseqDataclass):
     ema_end_decay: float = field(default=0.9999, metadata={"help": "teacher EMA decay at ema_anneal_end_step and after"})
     ema_anneal_end_step: int = field(default=II("optimization.max_update"), metadata={"help": "update at which the decay reaches ema_end_decay (linear schedule)"})
     ema_encoder_only: bool = field(default=True, metadata={"help": "the teacher copies only the shared blocks (and uses the student's modality encoder)"})
-    ema_same_dtype: bool = field(default=True, metadata={"help": "unused: the teacher always keeps fp32 weights; kept to read Meta's configs"})
     log_norms: bool = field(default=True, metadata={"help": "log model_norm and ema_norm"})
     max_update: int = field(default=II("optimization.max_update"), metadata={"help": "set from optimization.max_update"})
     modalities: ModalitiesConfig = field(default_factory=ModalitiesConfig, metadata={"help": "per-modality settings"})
