@@ -125,7 +125,6 @@ class AudioEncoder(ModalityEncoder):
         self.project_features = nn.Sequential(
             TransposeLast(), nn.LayerNorm(feature_dim), nn.Linear(feature_dim, embed_dim)
         )
-        self.relative_positional_encoder = None
         if cfg.conv_pos_depth > 0:
             if embed_dim % cfg.conv_pos_groups != 0:
                 raise ValueError(f"embed_dim {embed_dim} is not divisible by conv_pos_groups {cfg.conv_pos_groups}")
@@ -173,12 +172,6 @@ class AudioEncoder(ModalityEncoder):
                     mod.reset_parameters()
 
     # ---- hooks -----------------------------------------------------------------------
-    def relative_positions_enabled(self) -> bool:
-        return self.relative_positional_encoder is not None
-
-    def relative_positions(self, x):
-        return self.relative_positional_encoder(x)
-
     def convert_padding_mask(self, x, padding_mask):
         """Sample-level padding (B, S) -> frame-level padding (B, T) from the conv arithmetic."""
         lengths = conv_output_lengths((~padding_mask.bool()).sum(-1), self.feature_enc_layers)

@@ -53,9 +53,10 @@ class ModalityConfig(FairseqDataclass):
 class ModalityEncoder(nn.Module):
     """Base class; subclasses build ``local_encoder`` and may override the hooks below.
 
-    Hooks: ``positions`` (fixed positions added before masking), ``relative_positions``
-    (computed on the full masked sequence, e.g. a conv positional encoder),
-    ``alibi_bias``, ``compute_mask``, ``convert_padding_mask``, ``make_decoder``.
+    Hooks: ``positions`` (fixed positions added before masking), ``alibi_bias``,
+    ``compute_mask``, ``convert_padding_mask``, ``reset_parameters``. A subclass may set
+    ``relative_positional_encoder``: a module run on the full masked sequence (zeros at
+    hidden steps), e.g. a conv positional encoder, whose output is added to ``x``.
     """
 
     def __init__(self, cfg: ModalityConfig, embed_dim: int, make_block, norm_layer, layer_norm_first: bool):
@@ -79,15 +80,13 @@ class ModalityEncoder(nn.Module):
             elif cfg.num_extra_tokens > 1:
                 nn.init.normal_(self.extra_tokens[:, 1:])
         self.decoder = None  # built by subclasses once their geometry is known
+        self.relative_positional_encoder = None
 
     # ---- hooks -----------------------------------------------------------------------
     def reset_parameters(self):
         """Re-initialise modality-specific layers after the model-wide BERT init."""
 
     def positions(self, x, padding_mask):
-        return None
-
-    def relative_positions(self, x):
         return None
 
     def alibi_bias(self, batch_size: int, time_steps: int, device):
@@ -156,11 +155,11 @@ class ModalityEncoder(nn.Module):
                     mask_seed = mask_seed._replace(ids=ids)
             mask_info = self.compute_mask(x.size(0), T, padding_mask, x.device, mask_seed)
 
-        rel_enabled = self.relative_positions_enabled()
-        if mask_info is not None and (rel_enabled or not remove_masked):
+        rel_encoder = self.relative_positional_encoder
+        if mask_info is not None and (rel_encoder is not None or not remove_masked):
             # hidden steps become zeros (what a positional conv sees, or the full-length output)
             x = x * (1 - mask_info.mask.to(x.dtype).unsqueeze(-1))
-        rel = self.relative_positions(x) if rel_enabled else None
+        rel = rel_encoder(x) if rel_encoder is not None else None
 
         if mask_info is not None and remove_masked:
             x = gather_steps(x, mask_info.ids_keep)
@@ -203,9 +202,6 @@ class ModalityEncoder(nn.Module):
             "alibi_scale": alibi_scale,
             "encoder_mask": mask_info,
         }
-
-    def relative_positions_enabled(self) -> bool:
-        return False
 
     def decoder_input(self, x, mask_info: Optional[MaskInfo]):
         """Encoder output on visible steps -> full-length sequence with noise at masked steps."""
