@@ -144,3 +144,31 @@ def test_half_precision_student_with_fp32_teacher(prenet_depth):
     assert torch.isfinite(loss)
     assert next(model.ema.model.parameters()).dtype == torch.float32
     assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_layerdrop_skips_student_blocks_only():
+    """layerdrop applies to the student in training (pretraining and fine-tuning features),
+    never to the teacher, whose every block feeds the targets."""
+    torch.manual_seed(0)
+    model = tiny_model(layerdrop=1.0)
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *a: calls.append("student"))
+    model.ema.model[0].register_forward_hook(lambda *a: calls.append("teacher"))
+    source, pad = batch()
+    out = model(source, padding_mask=pad)  # top-2 targets need both teacher blocks
+    assert calls == ["teacher"] and torch.isfinite(out["target_var"])
+    calls.clear()
+    model.extract_features(source, pad)
+    assert calls == []
+    model.eval()
+    model.extract_features(source, pad)
+    assert calls == ["student"]
+
+
+def test_teacher_rebuilt_from_student_when_checkpoint_has_none():
+    model = tiny_model(ema_encoder_only=False)
+    state = {k: v for k, v in model.state_dict().items() if k != "_ema"}
+    model.load_state_dict(state)
+    teacher = model.ema.model
+    assert teacher.ema is None  # no teacher inside the teacher
+    assert all(enc.decoder is None and enc.local_encoder is None for enc in teacher.modality_encoders.values())

@@ -142,9 +142,7 @@ class Data2VecMultiModel(BaseFairseqModel):
         self.ema_updates = 0  # the last update whose student the teacher has folded in
         self.ema = None
         if not skip_ema:
-            self.ema = EMATeacher(self._teacher_source(), cfg.ema_decay)
-            if not cfg.ema_encoder_only:
-                self._strip_teacher(self.ema.model)
+            self.ema = self._make_teacher(cfg.ema_decay)
 
     @classmethod
     def build_model(cls, cfg: Data2VecMultiConfig, task=None):
@@ -155,13 +153,20 @@ class Data2VecMultiModel(BaseFairseqModel):
         """The part of the student the teacher averages."""
         return self.blocks if self.cfg.ema_encoder_only else self
 
-    def _strip_teacher(self, teacher: "Data2VecMultiModel") -> None:
-        """A full-model teacher needs no decoder, and no local encoder unless configured."""
-        for enc in teacher.modality_encoders.values():
-            enc.decoder = None
-            if not enc.modality_cfg.ema_local_encoder:
-                enc.local_encoder = None
-                enc.project_features = None
+    def _make_teacher(self, decay: float) -> EMATeacher:
+        """A teacher copied from the student's current weights.
+
+        A full-model teacher needs no decoder, and no local encoder unless configured.
+        """
+        self.ema = None  # the copy of the student must not include an old teacher
+        teacher = EMATeacher(self._teacher_source(), decay)
+        if not self.cfg.ema_encoder_only:
+            for enc in teacher.model.modality_encoders.values():
+                enc.decoder = None
+                if not enc.modality_cfg.ema_local_encoder:
+                    enc.local_encoder = None
+                    enc.project_features = None
+        return teacher
 
     def set_num_updates(self, num_updates):
         """fairseq calls this before each training step with the number of finished updates.
@@ -192,7 +197,7 @@ class Data2VecMultiModel(BaseFairseqModel):
         if self.ema is not None:
             if ema_state is None:
                 logger.warning("checkpoint has no EMA teacher (_ema); the teacher restarts from the student")
-                self.ema = EMATeacher(self._teacher_source(), self.ema.decay)
+                self.ema = self._make_teacher(self.ema.decay)
             else:
                 self.ema.load_state_dict(ema_state)
             # fairseq sets num_updates before loading: the saved teacher has seen students < n
@@ -206,11 +211,14 @@ class Data2VecMultiModel(BaseFairseqModel):
             enc.remove_pretraining_modules()
 
     # ---- forward -------------------------------------------------------------------
-    def run_blocks(self, blocks, x, enc_out, collect: bool = False, extra_tokens: int = 0):
-        """Run shared blocks; also return what each block offers as a target (if collect)."""
+    def run_blocks(self, blocks, x, enc_out, collect: bool = False, extra_tokens: int = 0, layerdrop: bool = True):
+        """Run shared blocks; also return what each block offers as a target (if collect).
+
+        ``layerdrop``: skip blocks at random in training (the student's blocks, not the teacher's).
+        """
         layer_targets = []
         for i, blk in enumerate(blocks):
-            if self.training and self.cfg.layerdrop > 0 and not collect and np.random.random() < self.cfg.layerdrop:
+            if layerdrop and self.training and self.cfg.layerdrop > 0 and np.random.random() < self.cfg.layerdrop:
                 continue
             ab = scaled_alibi(enc_out["alibi_bias"], enc_out["alibi_scale"], i)
             x, t = blk(x, enc_out["padding_mask"], ab)
@@ -271,7 +279,7 @@ class Data2VecMultiModel(BaseFairseqModel):
                 local = local.float()
             inp = t_enc.contextualized_features(local, padding_mask, mask=False, remove_masked=False)
         n_extra = enc.modality_cfg.num_extra_tokens
-        _, layer_targets = self.run_blocks(blocks, inp["x"].float(), inp, collect=True, extra_tokens=n_extra)
+        _, layer_targets = self.run_blocks(blocks, inp["x"].float(), inp, collect=True, extra_tokens=n_extra, layerdrop=False)
         cfg = self.cfg
         return build_targets(
             layer_targets,
