@@ -1,0 +1,20 @@
+"""Meta's official-format data2vec 2.0 text checkpoint: our encoder gives Meta's output."""
+
+import torch
+
+import d2v_plugin
+from helpers import compat_dir
+
+
+def test_v2_text_checkpoint_matches_meta():
+    root = compat_dir()
+    encoder = d2v_plugin.load_encoder(str(root / "v2_text.checkpoint.pt"))
+    expected = torch.load(root / "v2_text.expected.pt", map_location="cpu", weights_only=True)
+    assert not encoder.training and encoder.ema is None
+    with torch.no_grad():
+        out = encoder.extract_features(expected["source"], expected["padding_mask"])
+    assert out["x"].shape == expected["x"].shape == (2, 16, 64)
+    keep = ~expected["out_padding_mask"]
+    assert keep.sum() < keep.numel()  # the fixture has padding: the mask is exercised
+    assert (out["x"] - expected["x"])[keep].abs().max() < 1e-4
+    assert torch.equal(out["padding_mask"], expected["out_padding_mask"])
