@@ -10,4 +10,7 @@ safe_load.allow_fairseq_checkpoints()
 safe_load.register_config_resolvers()
 
 from . import criteria, models, tasks  # noqa: E402,F401
-from .checkpoints import load_encoder  # noqa: E402,F401
+from .checkpoints import load_encoder, load_pretraining_model  # noqa: E402,F401
+from .encoder import Encoder, EncoderOutput  # noqa: E402,F401
+
+__all__ = ["load_encoder", "load_pretraining_model", "Encoder", "EncoderOutput"]

@@ -88,23 +88,50 @@ def _model_cfg_dict(ckpt: Dict[str, Any], path: str) -> Dict[str, Any]:
     raise ValueError(f"{path} holds no model configuration (neither 'cfg' nor 'args')")
 
 
-def load_encoder(path: str, dictionary=None):
-    """The student encoder of a data2vec 2.0 checkpoint, in eval mode, without EMA teacher or decoder.
+def _num_updates(ckpt: Dict[str, Any]) -> int:
+    history = ckpt.get("optimizer_history") or []
+    return int(history[-1].get("num_updates", 0)) if history else 0
 
-    ``encoder.extract_features(source, padding_mask=None)`` returns ``{"x": (B, T, C),
-    "padding_mask": ...}``; image outputs have the CLS token removed. ``dictionary`` (a
-    fairseq Dictionary) is only used to check a text checkpoint's vocabulary size.
-    """
+
+def set_dotted(values: Dict[str, Any], dc_type, key: str, value: Any) -> None:
+    """``values["a"]["b"] = value`` for ``key`` "a.b", checked against the fields of ``dc_type``."""
+    parts = key.split(".")
+    node, node_type = values, dc_type
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(node_type)} if node_type is not None else {}
+        f = fields.get(part)
+        if f is None:
+            raise KeyError(f"override {key!r}: {'.'.join(parts[:i + 1])} is not a field of {node_type.__name__}")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        nested = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        node_type = type(nested) if dataclasses.is_dataclass(nested) else None
+        if node_type is None:
+            raise KeyError(f"override {key!r}: {'.'.join(parts[:i + 1])} has no sub-fields")
+        node = node.setdefault(part, {})
+
+
+def _build(path: str, ckpt: Dict[str, Any], dictionary, purpose: str, overrides: Optional[Dict[str, Any]] = None):
+    """(model, student state) for a data2vec 2.0 checkpoint, ours or Meta's."""
+    from .compat import check_unsupported
     from .models.data2vec2 import Data2VecMultiConfig, Data2VecMultiModel
 
-    ckpt = read_checkpoint(path)
     values = _model_cfg_dict(ckpt, path)
     name = values.get("_name") or values.get("arch")
     if name != "data2vec_multi":
-        raise ValueError(f"{path}: model {name!r} is not supported by load_encoder (expected data2vec_multi)")
+        raise ValueError(f"{path}: model {name!r} is not supported (expected data2vec_multi)")
+    check_unsupported(values, purpose, path)
+    for key, value in (overrides or {}).items():
+        set_dotted(values, Data2VecMultiConfig, key, value)
     cfg = model_config(values, Data2VecMultiConfig)
-    cfg.skip_ema = True
-    state = {k: v for k, v in ckpt["model"].items() if k != "_ema"}
+    skip_ema = purpose != "training"
+    cfg.skip_ema = skip_ema
+    state = dict(ckpt["model"])
+    if skip_ema:
+        state.pop("_ema", None)
+    elif "_ema" not in state:
+        logger.warning(f"{path} holds no EMA teacher (_ema): the teacher starts from the student")
     task = None
     if str(cfg.supported_modality).upper() == "TEXT":
         key = "modality_encoders.TEXT.local_encoder.embed_tokens.weight"
@@ -112,10 +139,56 @@ def load_encoder(path: str, dictionary=None):
         if dictionary is not None and len(dictionary) != vocab:
             raise ValueError(f"dictionary has {len(dictionary)} symbols but {path} was trained with {vocab}")
         task = _TaskInfo(dictionary if dictionary is not None else VocabularyInfo(vocab))
-    model = Data2VecMultiModel(cfg, task=task, skip_ema=True)
+    model = Data2VecMultiModel(cfg, task=task, skip_ema=skip_ema)
+    return model, state
+
+
+def _load_strict(model, state, path: str) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path} does not match its own config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(
+            f"{path}: its weights do not fit the model its config describes: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]} (an option of the checkpoint's config that d2v_plugin builds differently?)"
+        )
+
+
+def load_student(path: str, dictionary=None):
+    """The student ``Data2VecMultiModel`` of a data2vec 2.0 checkpoint, in eval mode, without
+    EMA teacher or decoder (what fine-tuning starts from)."""
+    model, state = _build(path, read_checkpoint(path), dictionary, "features")
+    _load_strict(model, state, path)
     model.remove_pretraining_modules()
     model.eval()
+    return model
+
+
+def load_encoder(path: str, dictionary=None):
+    """The student encoder of a data2vec 2.0 checkpoint (ours or Meta's) for feature extraction.
+
+    Returns a :class:`d2v_plugin.Encoder` in eval mode: ``encoder(source, padding_mask=None,
+    output_hidden_states=False)`` gives an :class:`d2v_plugin.EncoderOutput`
+    (``last_hidden_state`` (B, T, C), ``padding_mask``, ``hidden_states``; the image CLS token
+    removed, in ``cls``). ``dictionary`` (a fairseq Dictionary) only checks a text
+    checkpoint's vocabulary size. Nothing in the file is executed (``weights_only`` loading).
+    """
+    from .encoder import Encoder
+
+    return Encoder(load_student(path, dictionary))
+
+
+def load_pretraining_model(path: str, overrides: Optional[Dict[str, Any]] = None, dictionary=None):
+    """The whole training model (student, EMA teacher, decoder) of a data2vec 2.0 checkpoint,
+    ours or Meta's, e.g. to continue pretraining or to replay a training step.
+
+    ``overrides``: ``{"dotted.config.key": value}`` applied to the checkpoint's model config
+    before building (``{"encoder_dropout": 0.0, "modalities.text.mask_noise_std": 0.0}``).
+    The model comes back in train mode with the checkpoint's update count, and the teacher
+    exactly as saved (``_ema``): the next ``set_num_updates(n + 1)`` makes one EMA step.
+    """
+    ckpt = read_checkpoint(path)
+    model, state = _build(path, ckpt, dictionary, "training", overrides)
+    model.eval()  # no EMA step while the update count is restored
+    model.set_num_updates(_num_updates(ckpt))
+    _load_strict(model, state, path)
+    model.train()
     return model

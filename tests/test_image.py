@@ -58,7 +58,7 @@ def test_loss_falls_and_mask_ratio(tiny_run):
     assert rows[-1]["masked_pct"] == pytest.approx(0.75, abs=1e-4)
     # 2 clones x 16 images x 12 masked patches are predicted; the CLS loss is logged too
     assert rows[-1]["sample_size"] == pytest.approx(2 * 16 * 12)
-    assert rows[-1]["loss_cls"] > 0 and rows[-1]["loss_image_regression"] > 0
+    assert rows[-1]["loss_cls"] > 0 and rows[-1]["loss_IMAGE_regression"] > 0
 
 
 def test_checkpoint_layout_and_encoder(tiny_run):
@@ -86,9 +86,15 @@ def test_loads_meta_image_checkpoint():
     encoder = d2v_plugin.load_encoder(str(compat / "v2_image.checkpoint.pt"))
     expected = torch.load(compat / "v2_image.expected.pt", map_location="cpu", weights_only=True)
     with torch.no_grad():
-        x = encoder.extract_features(expected["source"], None)["x"]
-    assert x.shape == expected["x"].shape
-    torch.testing.assert_close(x, expected["x"], atol=1e-4, rtol=0)
+        out = encoder(expected["source"])
+        with_cls = encoder(expected["source"], keep_extra_tokens=True)
+        meta_format = encoder.extract_features(expected["source"], None, remove_extra_tokens=False)
+    assert out.last_hidden_state.shape == expected["x"].shape
+    torch.testing.assert_close(out.last_hidden_state, expected["x"], atol=1e-4, rtol=0)
+    # the CLS token on request: in the typed output and in Meta's extract_features format
+    assert with_cls.last_hidden_state.shape == (2, 17, 64)
+    assert torch.equal(with_cls.last_hidden_state[:, 0], out.cls)
+    assert torch.equal(meta_format["x"], with_cls.last_hidden_state)
 
 
 # ---- masks and ALiBi ----------------------------------------------------------------

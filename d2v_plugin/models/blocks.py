@@ -32,16 +32,25 @@ class Attention(nn.Module):
     def forward(self, x, padding_mask: Optional[torch.Tensor] = None, alibi_bias: Optional[torch.Tensor] = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = attention_bias(padding_mask, alibi_bias, self.num_heads, T, q.dtype)
+        bias = attention_bias(padding_mask, alibi_bias, self.num_heads, T)
+        dtype = q.dtype
+        if bias is not None and bias.is_floating_point() and bias.dtype != dtype:
+            # an ALiBi bias stays float32, and so do the logits it is added to (as Meta's):
+            # in bf16 a bias beyond 128 would be rounded to whole numbers
+            q, k, v = q.to(bias.dtype), k.to(bias.dtype), v.to(bias.dtype)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
         )
-        x = x.transpose(1, 2).reshape(B, T, C)
+        x = x.to(dtype).transpose(1, 2).reshape(B, T, C)
         return self.proj_drop(self.proj(x))
 
 
-def attention_bias(padding_mask, alibi_bias, num_heads: int, T: int, dtype):
-    """Combine a key padding mask and an ALiBi bias into one additive mask, or None."""
+def attention_bias(padding_mask, alibi_bias, num_heads: int, T: int):
+    """Combine a key padding mask and an ALiBi bias into one mask, or None.
+
+    Without ALiBi: a boolean mask (True = attend). With ALiBi: an additive float32 bias
+    (``-inf`` at padded keys), the bias for the first H' heads and 0 for the others.
+    """
     if padding_mask is not None and not padding_mask.any():
         padding_mask = None
     if padding_mask is None and alibi_bias is None:
@@ -49,7 +58,7 @@ def attention_bias(padding_mask, alibi_bias, num_heads: int, T: int, dtype):
     if alibi_bias is None:
         # boolean mask: True = attend
         return ~padding_mask[:, None, None, :]
-    bias = alibi_bias.to(dtype)
+    bias = alibi_bias.float()
     if bias.size(1) < num_heads:
         bias = F.pad(bias, (0, 0, 0, 0, 0, num_heads - bias.size(1)))
     if padding_mask is not None:
@@ -75,9 +84,13 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """A transformer block that also returns the tensor data2vec regresses.
 
-    ``layer_norm_first`` picks pre-norm (images) or post-norm (text, speech).
-    ``ffn_targets``: the target is the feed-forward output before the residual
-    connection (data2vec 2.0's default) rather than the block output.
+    ``layer_norm_first`` picks pre-norm or post-norm (Meta's text, speech and image
+    recipes are all post-norm). ``ffn_targets``: the target is the feed-forward output
+    before the residual connection (data2vec 2.0's default) rather than the block output.
+
+    ``ffn_residual`` (pre-norm only): the textbook ``x + mlp(norm2(x))``. False is Meta's
+    ``AltBlock``, whose pre-norm path returns ``mlp(norm2(x)) + mlp(norm2(x))`` and drops the
+    residual stream around the feed-forward network; Meta's pre-norm checkpoints need it.
     """
 
     def __init__(
@@ -94,10 +107,12 @@ class Block(nn.Module):
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         layer_norm_first: bool = True,
         ffn_targets: bool = True,
+        ffn_residual: bool = True,
     ):
         super().__init__()
         self.layer_norm_first = layer_norm_first
         self.ffn_targets = ffn_targets
+        self.ffn_residual = ffn_residual
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
@@ -109,7 +124,8 @@ class Block(nn.Module):
         if self.layer_norm_first:
             x = x + self.drop_path(self.attn(self.norm1(x), padding_mask, alibi_bias))
             ffn = self.mlp(self.norm2(x))
-            x = x + self.drop_path(self.post_mlp_dropout(ffn))
+            residual = x if self.ffn_residual else ffn
+            x = residual + self.drop_path(self.post_mlp_dropout(ffn))
         else:
             x = self.norm1(x + self.drop_path(self.attn(x, padding_mask, alibi_bias)))
             ffn = self.mlp(x)

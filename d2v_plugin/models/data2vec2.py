@@ -58,7 +58,13 @@ class Data2VecMultiConfig(FairseqDataclass):
     layerdrop: float = field(default=0.0, metadata={"help": "probability of skipping a shared block in training"})
     embed_dim: int = field(default=768, metadata={"help": "model width"})
     mlp_ratio: float = field(default=4.0, metadata={"help": "feed-forward width, times embed_dim"})
-    layer_norm_first: bool = field(default=False, metadata={"help": "pre-norm blocks (post-norm if false)"})
+    layer_norm_first: bool = field(default=False, metadata={"help": "pre-norm blocks (post-norm if false; Meta's recipes are post-norm)"})
+    pre_norm_ffn_residual: bool = field(
+        default=False,
+        metadata={"help": "layer_norm_first only: the textbook pre-norm block x + mlp(norm2(x)). false = Meta's data2vec_multi "
+                  "block, which returns 2 * mlp(norm2(x)) and drops the residual around the feed-forward network "
+                  "(what Meta's pre-norm checkpoints were trained with)"},
+    )
     average_top_k_layers: int = field(default=8, metadata={"help": "targets average the teacher's last K blocks"})
     end_of_block_targets: bool = field(default=False, metadata={"help": "targets are block outputs (false: feed-forward outputs before the residual)"})
     clone_batch: int = field(default=1, metadata={"help": "student copies of each sample, each with its own mask, sharing one teacher pass"})
@@ -66,11 +72,21 @@ class Data2VecMultiConfig(FairseqDataclass):
     batch_norm_target_layer: bool = field(default=False, metadata={"help": "batch-normalise each target block output"})
     instance_norm_target_layer: bool = field(default=False, metadata={"help": "instance-normalise each target block output over time"})
     instance_norm_targets: bool = field(default=False, metadata={"help": "instance-normalise the averaged targets"})
+    target_stats_exclude_padding: bool = field(
+        default=False,
+        metadata={"help": "instance/batch-normalise the targets with statistics over real (non-padded) steps only. "
+                  "false = Meta's: over the whole padded sequence, so targets depend on how much padding a batch holds"},
+    )
     layer_norm_targets: bool = field(default=False, metadata={"help": "LayerNorm the averaged targets"})
     ema_decay: float = field(default=0.999, metadata={"help": "teacher EMA decay at update 0"})
     ema_end_decay: float = field(default=0.9999, metadata={"help": "teacher EMA decay at ema_anneal_end_step and after"})
     ema_anneal_end_step: int = field(default=II("optimization.max_update"), metadata={"help": "update at which the decay reaches ema_end_decay (linear schedule)"})
     ema_encoder_only: bool = field(default=True, metadata={"help": "the teacher copies only the shared blocks (and uses the student's modality encoder)"})
+    ema_same_dtype: bool = field(
+        default=True,
+        metadata={"help": "the teacher runs in the student's dtype (fp16/bf16 training; averaging stays in fp32 master "
+                  "weights, as Meta's); false = the teacher always runs in fp32"},
+    )
     log_norms: bool = field(default=True, metadata={"help": "log model_norm and ema_norm"})
     max_update: int = field(default=II("optimization.max_update"), metadata={"help": "set from optimization.max_update"})
     modalities: ModalitiesConfig = field(default_factory=ModalitiesConfig, metadata={"help": "per-modality settings"})
@@ -82,6 +98,8 @@ class Data2VecMultiConfig(FairseqDataclass):
     skip_ema: bool = field(default=False, metadata={"help": "build no teacher (feature extraction / fine-tuning)"})
     cls_loss: float = field(default=0.0, metadata={"help": "weight of the CLS-token loss (images: 0.01)"})
     d2v_loss: float = field(default=1.0, metadata={"help": "weight of the regression loss"})
+    mae_init: bool = field(default=False, metadata={"help": "initialise Linear layers with Xavier-uniform and zero bias (MAE) instead of BERT's normal(0, 0.02)"})
+    decoder_group: bool = field(default=False, metadata={"help": "put decoder parameters in the optimizer parameter group 'decoder' (a composite optimizer can give it its own lr)"})
 
 
 def plain_config(cfg):
@@ -123,6 +141,7 @@ class Data2VecMultiModel(BaseFairseqModel):
             norm_layer=make_norm,
             layer_norm_first=cfg.layer_norm_first,
             ffn_targets=not cfg.end_of_block_targets,
+            ffn_residual=cfg.pre_norm_ffn_residual,
         )
         block = lambda drop_path: make_block(drop_path=drop_path)  # noqa: E731
         self.modality_encoders = nn.ModuleDict(
@@ -132,15 +151,23 @@ class Data2VecMultiModel(BaseFairseqModel):
         dpr = np.linspace(cfg.start_drop_path_rate, cfg.end_drop_path_rate, cfg.depth)
         self.blocks = nn.ModuleList([block(float(dpr[i])) for i in range(cfg.depth)])
         self.norm = make_norm(cfg.embed_dim) if cfg.layer_norm_first else None
-        self.apply(init_bert_params)
+        self.apply(_mae_init if cfg.mae_init else init_bert_params)
         for enc in self.modality_encoders.values():
-            enc.reset_parameters()  # modality-specific init after the BERT init, as Meta's
+            enc.reset_parameters()  # modality-specific init after the model-wide init, as Meta's
         for pn, p in self.named_parameters():
             if p.dim() == 1 or pn.endswith(".bias") or "alibi_scale" in pn:
                 p.optim_overrides = {"optimizer": {"weight_decay_scale": 0}}
+            if cfg.decoder_group and "decoder" in pn:
+                p.param_group = "decoder"
+        if cfg.average_top_k_layers > cfg.depth:
+            logger.warning(
+                f"model.average_top_k_layers={cfg.average_top_k_layers} > depth={cfg.depth}: the targets average all "
+                f"{cfg.depth} blocks (as Meta's code does)"
+            )
         self.num_updates = 0
         self.ema_updates = 0  # the last update whose student the teacher has folded in
         self.ema = None
+        self._teacher_from_loaded_student = False
         if not skip_ema:
             self.ema = self._make_teacher(cfg.ema_decay)
 
@@ -196,13 +223,21 @@ class Data2VecMultiModel(BaseFairseqModel):
         ema_state = state_dict.pop(prefix + "_ema", None)
         if self.ema is not None:
             if ema_state is None:
-                logger.warning("checkpoint has no EMA teacher (_ema); the teacher restarts from the student")
-                self.ema = self._make_teacher(self.ema.decay)
+                # the children load after this hook: the teacher is rebuilt in load_state_dict
+                self._teacher_from_loaded_student = True
             else:
                 self.ema.load_state_dict(ema_state)
             # fairseq sets num_updates before loading: the saved teacher has seen students < n
             self.ema_updates = max(self.num_updates - 1, 0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        result = super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+        if self._teacher_from_loaded_student:
+            self._teacher_from_loaded_student = False
+            logger.warning("checkpoint has no EMA teacher (_ema); the teacher starts from the loaded student")
+            self.ema = self._make_teacher(self.ema.decay)
+        return result
 
     def remove_pretraining_modules(self, modality=None):
         self.ema = None
@@ -211,75 +246,109 @@ class Data2VecMultiModel(BaseFairseqModel):
             enc.remove_pretraining_modules()
 
     # ---- forward -------------------------------------------------------------------
-    def run_blocks(self, blocks, x, enc_out, collect: bool = False, extra_tokens: int = 0, layerdrop: bool = True):
-        """Run shared blocks; also return what each block offers as a target (if collect).
+    def run_blocks(self, blocks, x, enc_out, collect: Optional[str] = None, extra_tokens: int = 0, layerdrop: bool = True):
+        """Run shared blocks; return the output and, per block, what ``collect`` asks for:
+        ``"targets"`` (what the block offers as a regression target) or ``"outputs"`` (the
+        block output); extra tokens removed from those.
 
         ``layerdrop``: skip blocks at random in training (the student's blocks, not the teacher's).
         """
-        layer_targets = []
+        collected = []
         for i, blk in enumerate(blocks):
             if layerdrop and self.training and self.cfg.layerdrop > 0 and np.random.random() < self.cfg.layerdrop:
                 continue
             ab = scaled_alibi(enc_out["alibi_bias"], enc_out["alibi_scale"], i)
             x, t = blk(x, enc_out["padding_mask"], ab)
-            if collect:
-                layer_targets.append(t[:, extra_tokens:])
-        return x, layer_targets
+            if collect is not None:
+                collected.append((t if collect == "targets" else x)[:, extra_tokens:])
+        return x, collected
 
-    def forward(self, source, padding_mask=None, id=None, mask=True, features_only=False, mode=None, **unused):
-        mode = (mode or self.mode).upper()
+    def forward(
+        self,
+        source,
+        target=None,
+        id=None,
+        mode=None,
+        padding_mask=None,
+        mask=True,
+        features_only=False,
+        force_remove_masked=False,
+        remove_extra_tokens=True,
+        precomputed_mask=None,
+    ):
+        """One training forward (Meta's signature), or encoder features with ``features_only``.
+
+        ``source``: token ids (B, T), waveforms (B, S) or images (B, C, H, W); ``target``: what
+        a teacher with its own local encoder sees instead of ``source``; ``id``: sample ids
+        that seed the masks; ``precomputed_mask`` (B * clone_batch, T), 1 = masked: use this
+        mask instead of drawing one. Returns ``{"losses": {name: (N, C) tensor}, "sample_size",
+        "masked_pct", "pred_var", "target_var", "ema_decay", ...}`` plus the regression
+        ``predictions`` and ``targets`` (N, C) at the predicted steps. Padded steps are never
+        predicted: they are left out of the loss, ``sample_size`` and the variances.
+        """
+        mode = (str(mode) if mode is not None else self.mode).upper()
+        if mode not in self.modality_encoders:
+            raise ValueError(f"mode {mode!r}: this model has the modalities {list(self.modality_encoders)}")
         enc = self.modality_encoders[mode]
         seed = MaskSeed(self.cfg.seed, self.num_updates, id) if id is not None else None
         out = enc(
             source,
             padding_mask,
             mask=mask,
-            remove_masked=not features_only,
+            remove_masked=not features_only or force_remove_masked,
             clone_batch=self.cfg.clone_batch if not features_only else 1,
             mask_seed=seed,
+            precomputed_mask=precomputed_mask,
         )
-        x, layer_results = self.run_blocks(self.blocks, self.dropout_input(out["x"]), out, collect=features_only)
+        x, layer_results = self.run_blocks(self.blocks, self.dropout_input(out["x"]), out, collect="targets" if features_only else None)
         if self.norm is not None:
             x = self.norm(x)
         n_extra = enc.modality_cfg.num_extra_tokens
         if features_only:
             pm = out["padding_mask"]
-            return {
-                "x": x[:, n_extra:],
-                "padding_mask": pm[:, n_extra:] if pm is not None else None,
-                "layer_results": layer_results,
-                "mask": out["encoder_mask"],
-            }
+            if remove_extra_tokens and n_extra:
+                x = x[:, n_extra:]
+                pm = pm[:, n_extra:] if pm is not None else None
+            return {"x": x, "padding_mask": pm, "layer_results": layer_results, "mask": out["encoder_mask"]}
         if self.ema is None:
             raise RuntimeError("this model has no EMA teacher (skip_ema / fine-tuning); call extract_features")
         mask_info = out["encoder_mask"]
         if mask_info is None:
-            raise ValueError(f"mask_prob of modality {mode} is 0: data2vec needs masked steps to predict")
+            raise ValueError(f"mask_prob of modality {mode} is 0 and no precomputed_mask was given: data2vec needs masked steps to predict")
         pred = enc.decoder(enc.decoder_input(x, mask_info))
-        targets = self.teacher_targets(source, padding_mask, out, enc, mode)
-        return self.compute_loss(mode, x, pred, targets, mask_info, n_extra)
+        targets = self.teacher_targets(source if target is None else target, padding_mask, out, enc, mode, own_input=target is not None)
+        return self.compute_loss(mode, x, pred, targets, mask_info, out["full_padding_mask"], n_extra)
+
+    def teacher_dtype(self, student_dtype: torch.dtype) -> torch.dtype:
+        return student_dtype if self.cfg.ema_same_dtype and student_dtype.is_floating_point else torch.float32
 
     @torch.no_grad()
-    def teacher_targets(self, source, padding_mask, student_out, enc, mode):
-        """Teacher pass on the unmasked input -> (B, T, C) fp32 targets."""
-        device = student_out["x"].device
-        if self.ema.device != device:
-            self.ema.to(device)
+    def teacher_targets(self, source, padding_mask, student_out, enc, mode, own_input: bool = False):
+        """Teacher pass (eval mode) on the unmasked input -> (B, T, C) fp32 targets."""
+        x_student = student_out["x"]
+        if self.ema.device != x_student.device:
+            self.ema.to(x_student.device)
+        dtype = self.teacher_dtype(x_student.dtype)
+        self.ema.set_dtype(dtype)
         teacher = self.ema.model
+        teacher.eval()
         if self.cfg.ema_encoder_only:
             t_enc, blocks = enc, teacher
         else:
             t_enc, blocks = teacher.modality_encoders[mode], teacher.blocks
+        if own_input and (self.cfg.ema_encoder_only or not t_enc.modality_cfg.ema_local_encoder):
+            raise ValueError("target (a separate teacher input) needs ema_encoder_only=false and ema_local_encoder=true")
         if not self.cfg.ema_encoder_only and t_enc.modality_cfg.ema_local_encoder:
-            inp = t_enc(source.float() if source.is_floating_point() else source, padding_mask, mask=False, remove_masked=False)  # fp32 teacher
+            inp = source.to(dtype) if source.is_floating_point() else source
+            inp = t_enc(inp, padding_mask, mask=False, remove_masked=False)
         else:
-            # the modality encoder runs in its own dtype; the teacher blocks get fp32 (run_blocks)
+            # the student's unmasked local features; the student's own modality encoder (in
+            # train mode, as Meta's) when ema_encoder_only, else the teacher's
             local = student_out["local_features"].detach()
-            if not self.cfg.ema_encoder_only:
-                local = local.float()
+            local = local if self.cfg.ema_encoder_only else local.to(dtype)  # each encoder in its own dtype
             inp = t_enc.contextualized_features(local, padding_mask, mask=False, remove_masked=False)
         n_extra = enc.modality_cfg.num_extra_tokens
-        _, layer_targets = self.run_blocks(blocks, inp["x"].float(), inp, collect=True, extra_tokens=n_extra, layerdrop=False)
+        _, layer_targets = self.run_blocks(blocks, inp["x"].to(dtype), inp, collect="targets", extra_tokens=n_extra, layerdrop=False)
         cfg = self.cfg
         return build_targets(
             layer_targets,
@@ -289,20 +358,28 @@ class Data2VecMultiModel(BaseFairseqModel):
             batch_norm_target_layer=cfg.batch_norm_target_layer,
             instance_norm_targets=cfg.instance_norm_targets,
             layer_norm_targets=cfg.layer_norm_targets,
+            padding_mask=inp["full_padding_mask"] if cfg.target_stats_exclude_padding else None,
         )
 
-    def compute_loss(self, mode, x, pred, targets, mask_info, n_extra):
+    def compute_loss(self, mode, x, pred, targets, mask_info, padding_mask, n_extra):
+        """Losses at the masked, non-padded steps of every clone row.
+
+        ``targets`` (B, T, C) belong to the un-cloned batch: clone row r regresses sample
+        r // clone_batch (``repeat_interleave``). ``padding_mask`` (B * clone_batch, T) or None.
+        """
         cfg = self.cfg
         clone = cfg.clone_batch
         full_targets = targets.repeat_interleave(clone, 0) if clone > 1 else targets
-        masked = mask_info.mask.bool()
-        y = full_targets[masked]
-        p = pred[masked]
-        sample_size = masked.sum()
-        name = mode.lower()
+        predicted = mask_info.mask.bool()
+        if padding_mask is not None:
+            predicted = predicted & ~padding_mask
+        y = full_targets[predicted]
+        p = pred[predicted]
+        sample_size = predicted.sum()
         losses = {}
         if cfg.d2v_loss > 0:
-            losses[f"{name}_regression"] = regression_loss(p, y, cfg.loss_beta, cfg.loss_scale) * cfg.d2v_loss
+            # Meta's loss names: TEXT_regression, AUDIO_regression, IMAGE_regression
+            losses[f"{mode}_regression"] = regression_loss(p, y, cfg.loss_beta, cfg.loss_scale) * cfg.d2v_loss
         if cfg.cls_loss > 0:
             if n_extra == 0:
                 raise ValueError("cls_loss needs a CLS token (num_extra_tokens >= 1)")
@@ -311,7 +388,7 @@ class Data2VecMultiModel(BaseFairseqModel):
                 cls_target = cls_target.repeat_interleave(clone, 0)
             cls_pred = x[:, n_extra - 1]
             losses["cls"] = regression_loss(cls_pred, cls_target, cfg.loss_beta, cfg.loss_scale) * (cfg.cls_loss * sample_size)
-        result = {"losses": losses, "sample_size": sample_size}
+        result = {"losses": losses, "sample_size": sample_size, "predictions": p, "targets": y}
         with torch.no_grad():
             result["masked_pct"] = 1 - mask_info.ids_keep.size(1) / mask_info.ids_restore.size(1)
             result["pred_var"] = feature_std(p)
@@ -339,5 +416,22 @@ class Data2VecMultiModel(BaseFairseqModel):
                 )
 
     def extract_features(self, source, padding_mask=None, mask=False, mode=None, remove_extra_tokens=True):
-        """Encoder output without decoder or teacher: ``{"x": (B, T, C), "padding_mask", "layer_results"}``."""
-        return self.forward(source, padding_mask=padding_mask, mask=mask, features_only=True, mode=mode)
+        """Encoder output without decoder or teacher (Meta's format): ``{"x": (B, T, C),
+        "padding_mask", "layer_results", "mask"}``; ``layer_results`` are the per-block target
+        tensors (feed-forward outputs unless ``end_of_block_targets``), extra tokens included.
+        For a typed output use :class:`d2v_plugin.Encoder` (``d2v_plugin.load_encoder``)."""
+        return self.forward(source, padding_mask=padding_mask, mask=mask, features_only=True, mode=mode,
+                            remove_extra_tokens=remove_extra_tokens)
+
+
+def _mae_init(module: nn.Module) -> None:
+    """MAE-style init (``mae_init``): Xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

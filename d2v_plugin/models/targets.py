@@ -1,19 +1,39 @@
 """Regression targets: the teacher's top-K block outputs, normalised and averaged."""
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
 
-def instance_norm_time(x: torch.Tensor) -> torch.Tensor:
-    """Normalise each channel of each sample over time: (B, T, C) -> (B, T, C)."""
-    return F.instance_norm(x.float().transpose(1, 2)).transpose(1, 2)
+def _norm_over_real_steps(x: torch.Tensor, padding_mask: torch.Tensor, over_batch: bool, eps: float = 1e-5) -> torch.Tensor:
+    """Normalise each channel over the non-padded steps of each sample (or of the whole
+    batch): (B, T, C) -> (B, T, C), biased variance as ``F.instance_norm``; padded steps become 0."""
+    valid = (~padding_mask).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+    dims = (0, 1) if over_batch else (1,)
+    n = valid.sum(dim=dims, keepdim=True).clamp_min(1)
+    mean = (x * valid).sum(dim=dims, keepdim=True) / n
+    var = (((x - mean) * valid) ** 2).sum(dim=dims, keepdim=True) / n
+    return (x - mean) * torch.rsqrt(var + eps) * valid
 
 
-def batch_norm_time(x: torch.Tensor) -> torch.Tensor:
+def instance_norm_time(x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Normalise each channel of each sample over time: (B, T, C) -> (B, T, C).
+
+    With ``padding_mask`` (B, T, True = padded) the statistics come from the real steps only.
+    """
+    x = x.float()
+    if padding_mask is not None and padding_mask.any():
+        return _norm_over_real_steps(x, padding_mask, over_batch=False)
+    return F.instance_norm(x.transpose(1, 2)).transpose(1, 2)
+
+
+def batch_norm_time(x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Normalise each channel over batch and time (no running statistics)."""
-    return F.batch_norm(x.float().transpose(1, 2), None, None, training=True).transpose(1, 2)
+    x = x.float()
+    if padding_mask is not None and padding_mask.any():
+        return _norm_over_real_steps(x, padding_mask, over_batch=True)
+    return F.batch_norm(x.transpose(1, 2), None, None, training=True).transpose(1, 2)
 
 
 def layer_norm_channels(x: torch.Tensor) -> torch.Tensor:
@@ -30,27 +50,32 @@ def build_targets(
     batch_norm_target_layer: bool = False,
     instance_norm_targets: bool = False,
     layer_norm_targets: bool = False,
+    padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Average the last ``top_k`` of ``layer_outputs`` (each (B, T, C)) into fp32 targets.
 
+    ``top_k`` larger than the number of blocks averages them all (as Meta's code does).
     Each layer is normalised first (batch, then instance, then layer norm, as enabled);
-    the average can be normalised again (layer norm, then instance norm).
+    the average can be normalised again (layer norm, then instance norm). ``padding_mask``
+    (B, T): compute the batch / instance statistics over real steps only; None = over every
+    step, padded ones included (Meta's).
     """
-    if not 1 <= top_k <= len(layer_outputs):
-        raise ValueError(f"average_top_k_layers={top_k} but the teacher has {len(layer_outputs)} blocks")
+    if top_k < 1 or not layer_outputs:
+        raise ValueError(f"average_top_k_layers={top_k} with {len(layer_outputs)} teacher blocks: nothing to average")
+    chosen = layer_outputs[-top_k:]
     y = None
-    for layer in layer_outputs[-top_k:]:
+    for layer in chosen:
         layer = layer.float()
         if batch_norm_target_layer:
-            layer = batch_norm_time(layer)
+            layer = batch_norm_time(layer, padding_mask)
         if instance_norm_target_layer:
-            layer = instance_norm_time(layer)
+            layer = instance_norm_time(layer, padding_mask)
         if layer_norm_target_layer:
             layer = layer_norm_channels(layer)
         y = layer.clone() if y is None else y.add_(layer)
-    y = y.div_(top_k)
+    y = y.div_(len(chosen))
     if layer_norm_targets:
         y = layer_norm_channels(y)
     if instance_norm_targets:
-        y = instance_norm_time(y)
+        y = instance_norm_time(y, padding_mask)
     return y

@@ -9,7 +9,7 @@ file is no longer needed.
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ...checkpoints import load_encoder, model_config
+from ...checkpoints import load_student, model_config
 
 
 def load_pretrained_encoder(model_path: str, modality: str, dictionary=None):
@@ -20,7 +20,7 @@ def load_pretrained_encoder(model_path: str, modality: str, dictionary=None):
     """
     if not model_path:
         raise ValueError("model.model_path is required: the pretrained data2vec checkpoint to fine-tune")
-    encoder = load_encoder(model_path, dictionary=dictionary)
+    encoder = load_student(model_path, dictionary=dictionary)
     found = str(encoder.cfg.supported_modality).upper()
     if found != modality.upper():
         raise ValueError(f"{model_path} is a {found} model; this task needs a {modality.upper()} checkpoint")

@@ -14,15 +14,14 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from fairseq.data.data_utils import compute_block_mask_1d
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models.wav2vec.wav2vec2 import ConvFeatureExtractionModel
 from fairseq.modules import SamePad, TransposeLast
 
-from ..alibi import AlibiCache, alibi_bias_1d, apply_alibi_scale, extend_learned_bias, make_alibi_scale
 from ..blocks import BlockStack
 from ..decoders import ConvDecoder
-from ..masking import MaskInfo, MaskSeed, mask_info_from_mask
+from ..block_masking import block_mask
+from ..masking import MaskInfo, mask_info_from_mask
 from .base import ModalityConfig, ModalityEncoder
 
 EXTRACTOR_MODES = ChoiceEnum(["default", "layer_norm"])
@@ -44,8 +43,6 @@ class AudioConfig(ModalityConfig):
     conv_pos_groups: int = field(default=16, metadata={"help": "groups of each positional convolution"})
     conv_pos_depth: int = field(default=5, metadata={"help": "number of convolution layers of the positional encoder"})
     conv_pos_pre_ln: bool = field(default=False, metadata={"help": "LayerNorm (with affine parameters) before the positional encoder"})
-    learned_alibi: bool = field(default=False, metadata={"help": "learn the ALiBi bias itself, initialised with ALiBi values for alibi_max_pos frames (needs use_alibi_encoder)"})
-    alibi_max_pos: Optional[int] = field(default=None, metadata={"help": "frames covered by a learned ALiBi bias; longer inputs repeat its edge values"})
 
 
 def parse_conv_spec(spec: str) -> List[Tuple[int, int, int]]:
@@ -142,24 +139,6 @@ class AudioEncoder(ModalityEncoder):
         )
         self.decoder = ConvDecoder(cfg.decoder, embed_dim, dims=1) if cfg.decoder is not None else None
 
-        self.alibi_scale = None
-        self.learned_alibi_bias = None
-        self._alibi = AlibiCache()
-        if cfg.use_alibi_encoder:
-            self.alibi_scale = make_alibi_scale(
-                cfg.prenet_depth + cfg.model_depth,
-                cfg.num_alibi_heads,
-                cfg.alibi_scale,
-                learned=cfg.learned_alibi_scale,
-                per_layer=cfg.learned_alibi_scale_per_layer,
-                per_head=cfg.learned_alibi_scale_per_head,
-            )
-            if cfg.learned_alibi:
-                if not cfg.alibi_max_pos:
-                    raise ValueError("learned_alibi needs alibi_max_pos (the number of frames the learned bias covers)")
-                self.learned_alibi_bias = nn.Parameter(alibi_bias_1d(cfg.num_alibi_heads, cfg.alibi_max_pos)[None])
-        elif cfg.learned_alibi:
-            raise ValueError("learned_alibi needs use_alibi_encoder=true")
 
     def reset_parameters(self):
         """PyTorch's default init for the projections (Meta re-initialises them after BERT init)."""
@@ -178,46 +157,28 @@ class AudioEncoder(ModalityEncoder):
         frames = torch.arange(x.size(1), device=x.device)
         return frames[None, :] >= lengths[:, None]
 
-    def alibi_bias(self, batch_size: int, time_steps: int, device):
-        cfg = self.modality_cfg
-        if not cfg.use_alibi_encoder:
-            return None, None
-        if self.learned_alibi_bias is not None:
-            bias = extend_learned_bias(self.learned_alibi_bias, 1, time_steps)
-        else:
-            bias = self._alibi.get(1, time_steps, cfg.num_alibi_heads, torch.float32, device)
-        bias, scale = apply_alibi_scale(bias, self.alibi_scale)
-        return bias.expand(batch_size, -1, -1, -1), scale
-
-    def compute_mask(self, B: int, T: int, padding_mask, device, seed: Optional[MaskSeed]) -> Optional[MaskInfo]:
-        """Span masks as in Meta's speech recipe (fairseq ``compute_block_mask_1d``).
+    def compute_mask(self, B: int, T: int, padding_mask, device, generator: Optional[torch.Generator]) -> Optional[MaskInfo]:
+        """Block masks as in Meta's speech recipe (the dataset's ``compute_block_mask_1d``).
 
         Span centres are drawn at rate ``(mask_prob + mask_prob_adjust) / mask_length``
         (the adjustment compensates for overlapping spans), then random steps are
         unmasked or masked until exactly ``int(T * mask_prob)`` steps of every row are
-        hidden. Like Meta's, the masks ignore padding: pretraining crops, it does not pad.
+        hidden. Like Meta's, the masks ignore padding; the loss never counts padded frames.
         """
         cfg = self.modality_cfg
         mask_prob = self.mask_prob()
         if mask_prob <= 0:
             return None
-
-        def draw():
-            return compute_block_mask_1d(
-                shape=(B, T),
-                mask_prob=mask_prob,
-                mask_length=cfg.mask_length,
-                mask_prob_adjust=cfg.mask_prob_adjust,
-                inverse_mask=cfg.inverse_mask,
-                require_same_masks=True,
-                mask_dropout=cfg.mask_dropout,
-            )
-
-        if seed is None:
-            mask = draw()
-        else:
-            # reproducible: the same samples at the same update get the same masks
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((seed.seed, seed.update, int(seed.ids.sum().item()))) % (2**31))
-                mask = draw()
-        return mask_info_from_mask(mask.to(device))
+        mask = block_mask(
+            B,
+            (T,),
+            mask_prob=mask_prob,
+            mask_length=cfg.mask_length,
+            mask_prob_adjust=cfg.mask_prob_adjust,
+            inverse_mask=cfg.inverse_mask,
+            require_same_masks=True,
+            mask_dropout=cfg.mask_dropout,
+            device=device,
+            generator=generator,
+        )
+        return mask_info_from_mask(mask, cfg.keep_masked_pct)

@@ -10,20 +10,17 @@ of the hidden ones. Parameter names follow Meta's checkpoints
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from ..alibi import alibi_slopes, make_alibi_scale
+from ..alibi import ALIBI_DISTANCES
 from ..blocks import BlockStack
 from ..block_masking import block_mask_2d
 from ..decoders import ConvDecoder
-from ..masking import MaskInfo, MaskSeed, mask_info_from_mask
+from ..masking import MaskInfo, mask_info_from_mask
 from .base import ModalityConfig, ModalityEncoder
-
-ALIBI_DISTANCES = ("manhattan", "euclidean")
-
 
 @dataclass
 class ImageConfig(ModalityConfig):
@@ -99,20 +96,10 @@ class FixedPositions(nn.Module):
         return self.positions
 
 
-def alibi_bias_2d(num_heads: int, grid_h: int, grid_w: int, distance: str) -> torch.Tensor:
-    """(H, T, T) bias: minus each head's slope times the distance between patches."""
-    idx = torch.arange(grid_h * grid_w)
-    r, c = (idx // grid_w).float(), (idx % grid_w).float()
-    dr, dc = (r[:, None] - r[None, :]).abs(), (c[:, None] - c[None, :]).abs()
-    dist = dr + dc if distance == "manhattan" else (dr**2 + dc**2).sqrt()
-    return -alibi_slopes(num_heads)[:, None, None] * dist
-
-
 class ImageEncoder(ModalityEncoder):
     modality_cfg: ImageConfig
 
     def __init__(self, cfg: ImageConfig, embed_dim: int, make_block, norm_layer, layer_norm_first: bool):
-        super().__init__(cfg, embed_dim, make_block, norm_layer, layer_norm_first)
         if cfg.transformer_decoder or cfg.enc_dec_transformer:
             raise ValueError("model.modalities.image.transformer_decoder / enc_dec_transformer are not supported; use the conv decoder")
         if cfg.use_alibi_encoder and (cfg.alibi_dims != 2 or cfg.alibi_distance not in ALIBI_DISTANCES):
@@ -120,6 +107,7 @@ class ImageEncoder(ModalityEncoder):
                 f"image ALiBi needs alibi_dims=2 and alibi_distance in {ALIBI_DISTANCES}, "
                 f"got {cfg.alibi_dims} / {cfg.alibi_distance!r}"
             )
+        super().__init__(cfg, embed_dim, make_block, norm_layer, layer_norm_first)
 
         patch_embed = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         w = patch_embed.proj.weight.data
@@ -145,18 +133,6 @@ class ImageEncoder(ModalityEncoder):
                 cfg.prenet_dropout,
             )
 
-        self.alibi_scale = None
-        self._alibi_cache: Dict[Tuple, torch.Tensor] = {}
-        if cfg.use_alibi_encoder:
-            self.alibi_scale = make_alibi_scale(
-                cfg.prenet_depth + cfg.model_depth,
-                cfg.num_alibi_heads,
-                init=cfg.alibi_scale,
-                learned=cfg.learned_alibi_scale,
-                per_layer=cfg.learned_alibi_scale_per_layer,
-                per_head=cfg.learned_alibi_scale_per_head,
-            )
-
         self.decoder = None
         if cfg.decoder is not None:
             self.decoder = ConvDecoder(cfg.decoder, embed_dim, dims=2, grid_h=self.grid_h, grid_w=self.grid_w)
@@ -171,22 +147,13 @@ class ImageEncoder(ModalityEncoder):
             return None
         return self.fixed_positional_encoder().to(x.dtype)
 
-    def alibi_bias(self, batch_size: int, time_steps: int, device):
-        if self.alibi_scale is None:
-            return None, None
-        key = (time_steps, str(device))
-        bias = self._alibi_cache.get(key)
-        if bias is None:
-            if time_steps != self.num_patches:
-                raise ValueError(f"image ALiBi expects {self.num_patches} patches, got {time_steps}")
-            bias = alibi_bias_2d(self.modality_cfg.num_alibi_heads, self.grid_h, self.grid_w, self.modality_cfg.alibi_distance)
-            bias = self._alibi_cache[key] = bias.to(device)
-        return bias.unsqueeze(0).expand(batch_size, -1, -1, -1), self.alibi_scale.clamp_min(0)
+    def alibi_geometry(self):
+        return self.modality_cfg.alibi_dims, self.modality_cfg.alibi_distance
 
-    def compute_mask(self, B: int, T: int, padding_mask, device, seed: Optional[MaskSeed]) -> Optional[MaskInfo]:
+    def compute_mask(self, B: int, T: int, padding_mask, device, generator: Optional[torch.Generator]) -> Optional[MaskInfo]:
         cfg = self.modality_cfg
         if cfg.mask_length <= 1:
-            return super().compute_mask(B, T, padding_mask, device, seed)
+            return super().compute_mask(B, T, padding_mask, device, generator)
         if T != self.num_patches:
             raise ValueError(f"expected {self.num_patches} patches to mask, got {T}")
         mask_prob = self.mask_prob()
@@ -203,9 +170,9 @@ class ImageEncoder(ModalityEncoder):
             require_same_masks=True,
             mask_dropout=cfg.mask_dropout,
             device=device,
-            generator=_mask_generator(seed, device),
+            generator=generator,
         )
-        return mask_info_from_mask(mask)
+        return mask_info_from_mask(mask, cfg.keep_masked_pct)
 
     def reset_parameters(self):
         """Meta re-initialises the decoder's output projection with PyTorch's default Linear
@@ -214,18 +181,3 @@ class ImageEncoder(ModalityEncoder):
             for mod in self.decoder.proj.modules():
                 if isinstance(mod, nn.Linear):
                     mod.reset_parameters()
-
-    def remove_pretraining_modules(self):
-        super().remove_pretraining_modules()
-        self._alibi_cache.clear()
-
-
-def _mask_generator(seed: Optional[MaskSeed], device) -> Optional[torch.Generator]:
-    """A generator seeded by (seed, update, sample ids): the same batch at the same update
-    gets the same masks, e.g. when an update is replayed after an OOM or on resume."""
-    if seed is None:
-        return None
-    g = torch.Generator(device=device)
-    ids = tuple(int(i) for i in seed.ids.flatten().tolist())
-    g.manual_seed(hash((seed.seed, seed.update, ids)) % (2**63 - 1))
-    return g

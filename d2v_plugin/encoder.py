@@ -1,0 +1,77 @@
+"""The public inference API: a data2vec encoder whose call returns a typed output."""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class EncoderOutput:
+    """What :class:`Encoder` returns.
+
+    ``last_hidden_state``: (B, T, C) encoder output (after the final LayerNorm of pre-norm
+    models). ``padding_mask``: (B, T) bool, True at padded steps (speech: at frame rate), or
+    None. ``hidden_states``: with ``output_hidden_states=True``, one (B, T, C) tensor per
+    block, bottom to top (the block outputs, not data2vec's pre-residual targets).
+    Extra tokens (the image CLS token) are removed from all three unless
+    ``keep_extra_tokens=True``; ``cls`` then holds (B, C) of the first extra token, if any.
+    """
+
+    last_hidden_state: torch.Tensor
+    padding_mask: Optional[torch.Tensor] = None
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    cls: Optional[torch.Tensor] = None
+
+
+class Encoder(nn.Module):
+    """A data2vec 2.0 student encoder for feature extraction (see :func:`d2v_plugin.load_encoder`).
+
+    ``encoder(source, padding_mask=None)``: token ids (B, T) for text, 16 kHz waveforms
+    (B, S) for speech, images (B, C, H, W). Eval mode on creation; the module is an
+    ``nn.Module`` (``.to(device)``, ``.half()``, ``.parameters()``), ``model`` is the
+    underlying ``Data2VecMultiModel`` (teacher and decoder removed).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.eval()
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    @property
+    def modality(self) -> str:
+        return self.model.mode
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.cfg.embed_dim
+
+    def forward(self, source, padding_mask=None, output_hidden_states: bool = False, keep_extra_tokens: bool = False) -> EncoderOutput:
+        model = self.model
+        enc = model.modality_encoders[model.mode]
+        out = enc(source, padding_mask, mask=False, remove_masked=False)
+        x, hidden = model.run_blocks(model.blocks, model.dropout_input(out["x"]), out, collect="outputs" if output_hidden_states else None)
+        if model.norm is not None:
+            x = model.norm(x)
+        pm = out["padding_mask"]
+        n = enc.modality_cfg.num_extra_tokens
+        cls = x[:, 0] if n else None
+        if n and not keep_extra_tokens:
+            x = x[:, n:]
+            pm = pm[:, n:] if pm is not None else None
+            hidden = [h[:, n:] for h in hidden]
+        return EncoderOutput(
+            last_hidden_state=x,
+            padding_mask=pm,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            cls=cls,
+        )
+
+    def extract_features(self, source, padding_mask=None, **kwargs):
+        """Meta's dict output (``x``, ``padding_mask``, ``layer_results``): see ``Data2VecMultiModel.extract_features``."""
+        return self.model.extract_features(source, padding_mask=padding_mask, **kwargs)
