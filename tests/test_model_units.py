@@ -180,9 +180,17 @@ def test_layerdrop_skips_student_blocks_only():
 
 
 def test_teacher_rebuilt_from_student_when_checkpoint_has_none():
+    """A checkpoint without ``_ema``: the teacher starts from the *loaded* student, not from
+    the random weights the model had before loading."""
+    torch.manual_seed(0)
+    trained = tiny_model(ema_encoder_only=False)
+    state = {k: v for k, v in trained.state_dict().items() if k != "_ema"}
+    torch.manual_seed(1)
     model = tiny_model(ema_encoder_only=False)
-    state = {k: v for k, v in model.state_dict().items() if k != "_ema"}
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, trained.blocks[0].attn.qkv.weight)
     model.load_state_dict(state)
     teacher = model.ema.model
     assert teacher.ema is None  # no teacher inside the teacher
     assert all(enc.decoder is None and enc.local_encoder is None for enc in teacher.modality_encoders.values())
+    t_state = teacher.state_dict()
+    assert t_state and all(torch.equal(v, state[k]) for k, v in t_state.items())
