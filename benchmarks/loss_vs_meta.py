@@ -368,6 +368,7 @@ def main(argv=None):
     print(f"data {data}; seeds {args.seeds}; {args.max_update} updates; ema_anneal_end_step {args.ema_anneal_end_step}; "
           f"threads {args.threads or 'default'}; implementations {', '.join(impls)} (alternating)", flush=True)
     started = datetime.datetime.now().astimezone()
+    head = _git_head()  # at the start: the checkout may move while the runs go on
     runs = []
     for seed in args.seeds:
         for impl in impls:
@@ -397,7 +398,7 @@ def main(argv=None):
             "config": {"ours": [os.path.abspath(args.config_dir), args.config_name],
                        "meta": [os.path.abspath(args.meta_config_dir), args.meta_config_name] if args.meta_src else None},
             "user_dir": os.path.abspath(args.user_dir) if args.user_dir else None,
-            "repo_commit": _git_head(),
+            "repo_commit_at_start": head,  # what --config-dir came from; --user-dir may hold another commit
             "meta_src": os.path.abspath(args.meta_src) if args.meta_src else None,
             "overrides": args.overrides,
             "summary": {impl: {str(u): v for u, v in per.items()} for impl, per in summary.items()},
