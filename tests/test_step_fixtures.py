@@ -223,3 +223,20 @@ def test_padding_counts_toward_target_statistics_unless_asked():
     sel = mask.bool() & ~pm.repeat_interleave(2, 0)
     torch.testing.assert_close(ours, full[sel], rtol=0, atol=1e-5)
     assert not torch.allclose(ours, meta, atol=1e-3)
+
+
+def test_step_parity_script_prints_the_margins():
+    """``benchmarks/step_parity.py`` (README's margin table) runs and reports every modality."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, env
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_parity.py"), "--compat", str(compat_dir())],
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| quantity | v2_text | v2_audio | v2_image |"
+    ema = next(r for r in rows if r.startswith("| EMA update"))
+    assert ema.count("0.0e+00") == 3  # bit-identical to Meta's EMA step
+    assert any("28 / 32 (4 padded)" in r for r in rows)
