@@ -217,3 +217,11 @@ def test_load_pretraining_model_and_unsupported_options(tmp_path):
     out = enc(tokens(), output_hidden_states=True)
     assert isinstance(out, d2v_plugin.EncoderOutput) and out.last_hidden_state.shape == (2, 12, 32)
     assert len(out.hidden_states) == 2 and out.cls is None
+
+
+def test_block_masks_use_the_modality_settings():
+    """Speech and image block masks take mask_prob / inverse_mask from the modality config."""
+    img = model("IMAGE", mod={"mask_prob": 0.7, "inverse_mask": True}).modality_encoders["IMAGE"]
+    assert (img.compute_mask(4, 16, None, "cpu", None).mask.sum(1) == 16 - int(16 * 0.3)).all()
+    aud = model("AUDIO", mod={"mask_prob": 0.7}).modality_encoders["AUDIO"]
+    assert (aud.compute_mask(4, 49, None, "cpu", None).mask.sum(1) == int(49 * 0.7)).all()

@@ -20,8 +20,7 @@ from fairseq.modules import SamePad, TransposeLast
 
 from ..blocks import BlockStack
 from ..decoders import ConvDecoder
-from ..block_masking import block_mask
-from ..masking import MaskInfo, mask_info_from_mask
+from ..masking import MaskInfo
 from .base import ModalityConfig, ModalityEncoder
 
 EXTRACTOR_MODES = ChoiceEnum(["default", "layer_norm"])
@@ -165,20 +164,7 @@ class AudioEncoder(ModalityEncoder):
         unmasked or masked until exactly ``int(T * mask_prob)`` steps of every row are
         hidden. Like Meta's, the masks ignore padding; the loss never counts padded frames.
         """
-        cfg = self.modality_cfg
         mask_prob = self.mask_prob()
         if mask_prob <= 0:
             return None
-        mask = block_mask(
-            B,
-            (T,),
-            mask_prob=mask_prob,
-            mask_length=cfg.mask_length,
-            mask_prob_adjust=cfg.mask_prob_adjust,
-            inverse_mask=cfg.inverse_mask,
-            require_same_masks=True,
-            mask_dropout=cfg.mask_dropout,
-            device=device,
-            generator=generator,
-        )
-        return mask_info_from_mask(mask, cfg.keep_masked_pct)
+        return self.block_mask_info(B, (T,), mask_prob, device, generator)

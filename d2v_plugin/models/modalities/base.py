@@ -18,6 +18,7 @@ from fairseq.modules import GradMultiply
 from omegaconf import II
 
 from ..alibi import AlibiCache, apply_alibi_scale, extend_learned_bias, initial_alibi_bias, make_alibi_scale
+from ..block_masking import block_mask
 from ..blocks import BlockStack
 from ..decoders import DecoderConfig
 from ..masking import (
@@ -158,6 +159,23 @@ class ModalityEncoder(nn.Module):
             B, T, padding_mask, mask_prob, cfg.mask_length, device, generator, cfg.inverse_mask,
             mask_dropout=cfg.mask_dropout, add_masks=cfg.add_masks, keep_masked_pct=cfg.keep_masked_pct,
         )
+
+    def block_mask_info(self, B: int, grid: Tuple[int, ...], mask_prob: float, device, generator) -> MaskInfo:
+        """Block masks over ``grid`` ((T,) frames or (H, W) patches) with this modality's settings."""
+        cfg = self.modality_cfg
+        mask = block_mask(
+            B,
+            grid,
+            mask_prob=mask_prob,
+            mask_length=cfg.mask_length,
+            mask_prob_adjust=cfg.mask_prob_adjust,
+            inverse_mask=cfg.inverse_mask,
+            require_same_masks=True,
+            mask_dropout=cfg.mask_dropout,
+            device=device,
+            generator=generator,
+        )
+        return mask_info_from_mask(mask, cfg.keep_masked_pct)
 
     # ---- ALiBi -----------------------------------------------------------------------
     def alibi(self, batch_size: int, time_steps: int, device):

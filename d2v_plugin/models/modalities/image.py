@@ -17,9 +17,8 @@ import torch.nn as nn
 
 from ..alibi import ALIBI_DISTANCES
 from ..blocks import BlockStack
-from ..block_masking import block_mask_2d
 from ..decoders import ConvDecoder
-from ..masking import MaskInfo, mask_info_from_mask
+from ..masking import MaskInfo
 from .base import ModalityConfig, ModalityEncoder
 
 @dataclass
@@ -159,20 +158,7 @@ class ImageEncoder(ModalityEncoder):
         mask_prob = self.mask_prob()
         if mask_prob <= 0:
             return None
-        mask = block_mask_2d(
-            B,
-            self.grid_h,
-            self.grid_w,
-            mask_prob=mask_prob,
-            mask_length=cfg.mask_length,
-            mask_prob_adjust=cfg.mask_prob_adjust,
-            inverse_mask=cfg.inverse_mask,
-            require_same_masks=True,
-            mask_dropout=cfg.mask_dropout,
-            device=device,
-            generator=generator,
-        )
-        return mask_info_from_mask(mask, cfg.keep_masked_pct)
+        return self.block_mask_info(B, (self.grid_h, self.grid_w), mask_prob, device, generator)
 
     def reset_parameters(self):
         """Meta re-initialises the decoder's output projection with PyTorch's default Linear
