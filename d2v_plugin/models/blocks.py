@@ -15,23 +15,35 @@ from torchvision.ops import StochasticDepth
 class Attention(nn.Module):
     """Multi-head self-attention on ``F.scaled_dot_product_attention``.
 
-    ``padding_mask`` (B, T) is True at padded keys; ``alibi_bias`` (B, H', T, T) is an
-    additive bias for the first H' heads (ALiBi).
+    ``padding_mask`` (B, T) is True at padded keys; ``alibi_bias`` (B or 1, H', T, T) is an
+    additive bias for the first H' heads (ALiBi, or BEiT's relative position bias).
+
+    ``qkv_bias``: True = one bias for queries, keys and values; ``"qv"`` = learned query and
+    value biases only (``q_bias``, ``v_bias``; BEiT / data2vec 1.0 vision: a key bias adds
+    the same amount to every logit of a query, so it cannot change the attention).
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, qkv_bias=True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias is True)
+        self.q_bias = self.v_bias = None
+        if qkv_bias == "qv":
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, padding_mask: Optional[torch.Tensor] = None, alibi_bias: Optional[torch.Tensor] = None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.q_bias is not None:
+            qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias)))
+        else:
+            qkv = self.qkv(x)
+        q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         bias = attention_bias(padding_mask, alibi_bias, self.num_heads, T)
         dtype = q.dtype
         if bias is not None and bias.is_floating_point() and bias.dtype != dtype:
@@ -91,6 +103,10 @@ class Block(nn.Module):
     ``ffn_residual`` (pre-norm only): the textbook ``x + mlp(norm2(x))``. False is Meta's
     ``AltBlock``, whose pre-norm path returns ``mlp(norm2(x)) + mlp(norm2(x))`` and drops the
     residual stream around the feed-forward network; Meta's pre-norm checkpoints need it.
+
+    ``layer_scale_init`` > 0 (pre-norm only): learned per-channel scales ``gamma_1`` /
+    ``gamma_2`` on the attention and feed-forward branches, starting at that value (CaiT /
+    BEiT layer scale; data2vec 1.0 vision).
     """
 
     def __init__(
@@ -108,8 +124,11 @@ class Block(nn.Module):
         layer_norm_first: bool = True,
         ffn_targets: bool = True,
         ffn_residual: bool = True,
+        layer_scale_init: float = 0.0,
     ):
         super().__init__()
+        if layer_scale_init > 0 and not layer_norm_first:
+            raise ValueError("layer_scale_init (gamma_1/gamma_2) needs pre-norm blocks (layer_norm_first)")
         self.layer_norm_first = layer_norm_first
         self.ffn_targets = ffn_targets
         self.ffn_residual = ffn_residual
@@ -119,13 +138,19 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=mlp_drop)
         self.post_mlp_dropout = nn.Dropout(post_mlp_drop)
+        self.gamma_1 = self.gamma_2 = None
+        if layer_scale_init > 0:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
 
     def forward(self, x, padding_mask=None, alibi_bias=None):
         if self.layer_norm_first:
-            x = x + self.drop_path(self.attn(self.norm1(x), padding_mask, alibi_bias))
+            a = self.attn(self.norm1(x), padding_mask, alibi_bias)
+            x = x + self.drop_path(a if self.gamma_1 is None else self.gamma_1 * a)
             ffn = self.mlp(self.norm2(x))
             residual = x if self.ffn_residual else ffn
-            x = residual + self.drop_path(self.post_mlp_dropout(ffn))
+            branch = self.post_mlp_dropout(ffn)
+            x = residual + self.drop_path(branch if self.gamma_2 is None else self.gamma_2 * branch)
         else:
             x = self.norm1(x + self.drop_path(self.attn(x, padding_mask, alibi_bias)))
             ffn = self.mlp(x)
@@ -158,6 +183,21 @@ class BlockStack(nn.Module):
         if self.norm is not None and self.layer_norm_first:
             x = self.norm(x)
         return x
+
+
+def run_stack(blocks, x, padding_mask=None, attn_bias=None, collect: Optional[str] = None, layerdrop: float = 0.0, training: bool = False):
+    """Run ``blocks`` in order; return the output and, per block run, what ``collect`` asks
+    for: ``"targets"`` (what the block offers as a regression target), ``"outputs"`` (the
+    block output) or None (nothing). ``layerdrop``: skip each block with this probability
+    when ``training``. ``attn_bias``: one additive attention bias for every block."""
+    collected = []
+    for blk in blocks:
+        if training and layerdrop > 0 and torch.rand(()) < layerdrop:
+            continue
+        x, t = blk(x, padding_mask, attn_bias)
+        if collect is not None:
+            collected.append(t if collect == "targets" else x)
+    return x, collected
 
 
 def scaled_alibi(alibi_bias, alibi_scale, layer: int):

@@ -16,13 +16,14 @@ from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from omegaconf import II, OmegaConf
 
 from .blocks import Block, scaled_alibi
-from .ema import EMATeacher, annealed_decay
+from .ema import EMATeacher
 from .loss import feature_std, regression_loss
 from .masking import MaskSeed
 from .modalities.audio import AudioConfig, AudioEncoder
 from .modalities.image import ImageConfig, ImageEncoder
 from .modalities.text import TextConfig, TextEncoder
 from .targets import build_targets
+from .teacher import TeacherMixin
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def build_modality_encoder(name: str, cfg: Data2VecMultiConfig, make_block, make
 
 
 @register_model("data2vec_multi", dataclass=Data2VecMultiConfig)
-class Data2VecMultiModel(BaseFairseqModel):
+class Data2VecMultiModel(TeacherMixin, BaseFairseqModel):
     def __init__(self, cfg: Data2VecMultiConfig, task=None, skip_ema: bool = False):
         super().__init__()
         # plain dataclasses: the training step reads settings often, and every read of an
@@ -164,18 +165,13 @@ class Data2VecMultiModel(BaseFairseqModel):
                 f"model.average_top_k_layers={cfg.average_top_k_layers} > depth={cfg.depth}: the targets average all "
                 f"{cfg.depth} blocks (as Meta's code does)"
             )
-        self.num_updates = 0
-        self.ema_updates = 0  # the last update whose student the teacher has folded in
-        self.ema = None
-        self._teacher_from_loaded_student = False
-        if not skip_ema:
-            self.ema = self._make_teacher(cfg.ema_decay)
+        self._init_teacher(skip_ema)
 
     @classmethod
     def build_model(cls, cfg: Data2VecMultiConfig, task=None):
         return cls(cfg, task=task, skip_ema=cfg.skip_ema)
 
-    # ---- teacher -------------------------------------------------------------------
+    # ---- teacher (life cycle: TeacherMixin) ----------------------------------------
     def _teacher_source(self) -> nn.Module:
         """The part of the student the teacher averages."""
         return self.blocks if self.cfg.ema_encoder_only else self
@@ -194,50 +190,6 @@ class Data2VecMultiModel(BaseFairseqModel):
                     enc.local_encoder = None
                     enc.project_features = None
         return teacher
-
-    def set_num_updates(self, num_updates):
-        """fairseq calls this before each training step with the number of finished updates.
-
-        The teacher folds in the student of update ``num_updates`` at this point, once per
-        update. A checkpoint saved after update n therefore holds a teacher that has seen
-        the students up to n - 1; :meth:`_load_from_state_dict` restores that count so a
-        resumed run makes exactly the EMA steps an uninterrupted run makes.
-        """
-        super().set_num_updates(num_updates)
-        if self.ema is not None:
-            cfg = self.cfg
-            self.ema.decay = annealed_decay(cfg.ema_decay, cfg.ema_end_decay, num_updates, cfg.ema_anneal_end_step)
-            if self.training and num_updates > self.ema_updates:
-                if self.ema.decay < 1:
-                    self.ema.step(self._teacher_source())
-                self.ema_updates = num_updates
-        self.num_updates = num_updates
-
-    def state_dict(self, destination=None, prefix="", keep_vars=False):
-        state = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
-        if self.ema is not None:
-            state[prefix + "_ema"] = self.ema.state_dict()
-        return state
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        ema_state = state_dict.pop(prefix + "_ema", None)
-        if self.ema is not None:
-            if ema_state is None:
-                # the children load after this hook: the teacher is rebuilt in load_state_dict
-                self._teacher_from_loaded_student = True
-            else:
-                self.ema.load_state_dict(ema_state)
-            # fairseq sets num_updates before loading: the saved teacher has seen students < n
-            self.ema_updates = max(self.num_updates - 1, 0)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        result = super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
-        if self._teacher_from_loaded_student:
-            self._teacher_from_loaded_student = False
-            logger.warning("checkpoint has no EMA teacher (_ema); the teacher starts from the loaded student")
-            self.ema = self._make_teacher(self.ema.decay)
-        return result
 
     def remove_pretraining_modules(self, modality=None):
         self.ema = None

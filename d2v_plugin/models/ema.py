@@ -2,7 +2,7 @@
 
 import copy
 from collections import OrderedDict
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,11 @@ class EMATeacher:
     format of Meta's checkpoints (parameter names relative to the teacher module).
     """
 
-    def __init__(self, student_part: nn.Module, decay: float):
+    def __init__(self, student_part: nn.Module, decay: float, copied: Optional[Callable[[str], bool]] = None):
         self.model = copy.deepcopy(student_part)
+        # copied(name) -> True: that parameter is copied from the student at every step
+        # instead of averaged (data2vec 1.0 text copies its embeddings, speech its pos_conv)
+        self.copied = copied
         self.model.requires_grad_(False)
         self.model.eval()
         self.model.float()
@@ -65,8 +68,8 @@ class EMATeacher:
     def step(self, student_part: nn.Module) -> None:
         """teacher <- decay * teacher + (1 - decay) * student, parameter by parameter.
 
-        Parameters the student does not train (``requires_grad=False``) and buffers are
-        copied, not averaged (Meta's ``EMAModule``). Every teacher tensor must have a
+        Parameters the student does not train (``requires_grad=False``), those ``copied``
+        names, and buffers are copied, not averaged (Meta's ``EMAModule`` and its ``skip_keys``). Every teacher tensor must have a
         student tensor of the same name and shape: a silent partial update (names changed
         by FSDP flattening or a ``torch.compile`` wrapper) would freeze the teacher.
         """
@@ -85,7 +88,7 @@ class EMATeacher:
                     )
                 if kind == "parameter" and self.master is not None:
                     t = self.master[name]
-                if kind == "parameter" and s.requires_grad:
+                if kind == "parameter" and s.requires_grad and not (self.copied is not None and self.copied(name)):
                     averaged_t.append(t)
                     averaged_s.append(s.detach().to(device=t.device, dtype=t.dtype))
                 else:
