@@ -91,3 +91,77 @@ def num_masked_patches(num_patches: int, mask_prob: float, inverse_mask: bool) -
     if inverse_mask:
         return num_patches - int(num_patches * (1 - mask_prob))
     return int(num_patches * mask_prob)
+
+
+def beit_block_mask(
+    batch_size: int,
+    grid_h: int,
+    grid_w: int,
+    num_mask_patches: int,
+    min_patches_per_block: int = 16,
+    max_patches_per_block: Optional[int] = None,
+    min_aspect: float = 0.3,
+    max_aspect: Optional[float] = None,
+    device=None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """BEiT's block masking (data2vec 1.0 vision): a (B, grid_h * grid_w) bool mask, True = masked.
+
+    Per image, rectangles are added until ``num_mask_patches`` patches are masked or no
+    rectangle fits. Each rectangle: an area drawn uniformly from ``[min_patches_per_block,
+    m]`` with ``m = min(patches still to mask, max_patches_per_block)``, a log-uniform
+    aspect ratio in ``[min_aspect, max_aspect]`` (default ``1 / min_aspect``), rounded to
+    ``h x w`` with ``h < grid_h`` and ``w < grid_w``, at a uniform position; it is taken
+    when it adds between 1 and ``m`` new patches (so an image never exceeds
+    ``num_mask_patches``). Up to 10 tries per rectangle; an image whose 10 tries all fail
+    stops there, so counts may differ between images and fall short of the target.
+
+    These are the semantics of BEiT's ``MaskingGenerator`` and of Meta's
+    ``Data2VecVisionModel.make_mask``, which draw from Python's unseeded ``random``; here
+    every number comes from ``generator`` (one ``torch.rand`` call per batch), so a mask is
+    reproducible (:func:`d2v_plugin.models.masking.mask_generator`).
+    """
+    import math
+
+    if max_patches_per_block is None:
+        max_patches_per_block = num_mask_patches
+    if max_aspect is None:
+        max_aspect = 1 / min_aspect
+    if not 0 < min_aspect <= max_aspect:
+        raise ValueError(f"aspect ratios need 0 < min_aspect <= max_aspect, got {min_aspect}, {max_aspect}")
+    if num_mask_patches < 0 or num_mask_patches > grid_h * grid_w:
+        raise ValueError(f"num_mask_patches={num_mask_patches} must lie in [0, {grid_h * grid_w}] (the patch grid)")
+    log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)
+    tries = 10
+    # each rectangle adds >= 1 patch, so an image needs at most num_mask_patches rectangles
+    draws = max(num_mask_patches, 1) * tries
+    masks = torch.zeros(batch_size, grid_h, grid_w, dtype=torch.bool)
+    # every random number of the batch in one call (one device sync), consumed in order
+    uniforms = torch.rand(batch_size, draws, 4, generator=generator,
+                          device=generator.device if generator is not None else None).tolist()
+    for b in range(batch_size):
+        u = iter(uniforms[b])
+        mask = masks[b]
+        count = 0
+        while count < num_mask_patches:
+            limit = min(num_mask_patches - count, max_patches_per_block)
+            added = 0
+            for _ in range(tries):
+                u_area, u_aspect, u_top, u_left = next(u)
+                area = min_patches_per_block + (limit - min_patches_per_block) * u_area
+                aspect = math.exp(log_lo + (log_hi - log_lo) * u_aspect)
+                h = int(round(math.sqrt(area * aspect)))
+                w = int(round(math.sqrt(area / aspect)))
+                if w < grid_w and h < grid_h:
+                    top = min(int(u_top * (grid_h - h + 1)), grid_h - h)
+                    left = min(int(u_left * (grid_w - w + 1)), grid_w - w)
+                    block = mask[top : top + h, left : left + w]
+                    new = h * w - int(block.sum())
+                    if 0 < new <= limit:
+                        block.fill_(True)
+                        added = new
+                        break
+            if added == 0:
+                break
+            count += added
+    return masks.view(batch_size, -1).to(device)
