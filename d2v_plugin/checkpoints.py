@@ -113,33 +113,34 @@ def set_dotted(values: Dict[str, Any], dc_type, key: str, value: Any) -> None:
 
 
 def _build(path: str, ckpt: Dict[str, Any], dictionary, purpose: str, overrides: Optional[Dict[str, Any]] = None):
-    """(model, student state) for a data2vec 2.0 checkpoint, ours or Meta's."""
+    """(model, student state) for a data2vec checkpoint of any supported architecture
+    (:mod:`d2v_plugin.models.architectures`), ours or Meta's."""
     from .compat import check_unsupported
-    from .models.data2vec2 import Data2VecMultiConfig, Data2VecMultiModel
+    from .models.architectures import architecture
 
     values = _model_cfg_dict(ckpt, path)
     name = values.get("_name") or values.get("arch")
-    if name != "data2vec_multi":
-        raise ValueError(f"{path}: model {name!r} is not supported (expected data2vec_multi)")
-    check_unsupported(values, purpose, path)
+    arch = architecture(name, path)
+    if name == "data2vec_multi":
+        check_unsupported(values, purpose, path)
+    values = arch.from_meta_config(dict(values))
     for key, value in (overrides or {}).items():
-        set_dotted(values, Data2VecMultiConfig, key, value)
-    cfg = model_config(values, Data2VecMultiConfig)
+        set_dotted(values, arch.config, key, value)
+    cfg = model_config(values, arch.config)
     skip_ema = purpose != "training"
     cfg.skip_ema = skip_ema
-    state = dict(ckpt["model"])
+    state = arch.from_meta_state(dict(ckpt["model"]))
     if skip_ema:
         state.pop("_ema", None)
     elif "_ema" not in state:
         logger.warning(f"{path} holds no EMA teacher (_ema): the teacher starts from the student")
     task = None
-    if str(cfg.supported_modality).upper() == "TEXT":
-        key = "modality_encoders.TEXT.local_encoder.embed_tokens.weight"
-        vocab = state[key].size(0)
+    if arch.vocab_key is not None and arch.vocab_key in state:
+        vocab = state[arch.vocab_key].size(0)
         if dictionary is not None and len(dictionary) != vocab:
             raise ValueError(f"dictionary has {len(dictionary)} symbols but {path} was trained with {vocab}")
         task = _TaskInfo(dictionary if dictionary is not None else VocabularyInfo(vocab))
-    model = Data2VecMultiModel(cfg, task=task, skip_ema=skip_ema)
+    model = arch.model(cfg, task=task, skip_ema=skip_ema)
     return model, state
 
 
@@ -153,8 +154,8 @@ def _load_strict(model, state, path: str) -> None:
 
 
 def load_student(path: str, dictionary=None):
-    """The student ``Data2VecMultiModel`` of a data2vec 2.0 checkpoint, in eval mode, without
-    EMA teacher or decoder (what fine-tuning starts from)."""
+    """The student of a data2vec checkpoint (1.0 or 2.0, ours or Meta's), in eval mode,
+    without EMA teacher, decoder or regression head (what fine-tuning starts from)."""
     model, state = _build(path, read_checkpoint(path), dictionary, "features")
     _load_strict(model, state, path)
     model.remove_pretraining_modules()
@@ -163,7 +164,8 @@ def load_student(path: str, dictionary=None):
 
 
 def load_encoder(path: str, dictionary=None):
-    """The student encoder of a data2vec 2.0 checkpoint (ours or Meta's) for feature extraction.
+    """The student encoder of a data2vec checkpoint (1.0 or 2.0, ours or Meta's, any modality)
+    for feature extraction.
 
     Returns a :class:`d2v_plugin.Encoder` in eval mode: ``encoder(source, padding_mask=None,
     output_hidden_states=False)`` gives an :class:`d2v_plugin.EncoderOutput`
@@ -177,8 +179,8 @@ def load_encoder(path: str, dictionary=None):
 
 
 def load_pretraining_model(path: str, overrides: Optional[Dict[str, Any]] = None, dictionary=None):
-    """The whole training model (student, EMA teacher, decoder) of a data2vec 2.0 checkpoint,
-    ours or Meta's, e.g. to continue pretraining or to replay a training step.
+    """The whole training model (student, EMA teacher, decoder or head) of a data2vec checkpoint
+    (1.0 or 2.0), ours or Meta's, e.g. to continue pretraining or to replay a training step.
 
     ``overrides``: ``{"dotted.config.key": value}`` applied to the checkpoint's model config
     before building (``{"encoder_dropout": 0.0, "modalities.text.mask_noise_std": 0.0}``).

@@ -26,12 +26,12 @@ class EncoderOutput:
 
 
 class Encoder(nn.Module):
-    """A data2vec 2.0 student encoder for feature extraction (see :func:`d2v_plugin.load_encoder`).
+    """A data2vec student encoder (1.0 or 2.0) for feature extraction (see :func:`d2v_plugin.load_encoder`).
 
     ``encoder(source, padding_mask=None)``: token ids (B, T) for text, 16 kHz waveforms
     (B, S) for speech, images (B, C, H, W). Eval mode on creation; the module is an
     ``nn.Module`` (``.to(device)``, ``.half()``, ``.parameters()``), ``model`` is the
-    underlying ``Data2VecMultiModel`` (teacher and decoder removed).
+    underlying model (``Data2VecMultiModel`` or a 1.0 model; teacher, decoder and head removed).
     """
 
     def __init__(self, model: nn.Module):
@@ -49,28 +49,10 @@ class Encoder(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return self.model.cfg.embed_dim
+        return self.model.embed_dim
 
     def forward(self, source, padding_mask=None, output_hidden_states: bool = False, keep_extra_tokens: bool = False) -> EncoderOutput:
-        model = self.model
-        enc = model.modality_encoders[model.mode]
-        out = enc(source, padding_mask, mask=False, remove_masked=False)
-        x, hidden = model.run_blocks(model.blocks, model.dropout_input(out["x"]), out, collect="outputs" if output_hidden_states else None)
-        if model.norm is not None:
-            x = model.norm(x)
-        pm = out["padding_mask"]
-        n = enc.modality_cfg.num_extra_tokens
-        cls = x[:, 0] if n else None
-        if n and not keep_extra_tokens:
-            x = x[:, n:]
-            pm = pm[:, n:] if pm is not None else None
-            hidden = [h[:, n:] for h in hidden]
-        return EncoderOutput(
-            last_hidden_state=x,
-            padding_mask=pm,
-            hidden_states=tuple(hidden) if output_hidden_states else None,
-            cls=cls,
-        )
+        return self.model.encode(source, padding_mask, output_hidden_states=output_hidden_states, keep_extra_tokens=keep_extra_tokens)
 
     def extract_features(self, source, padding_mask=None, **kwargs):
         """Meta's dict output (``x``, ``padding_mask``, ``layer_results``): see ``Data2VecMultiModel.extract_features``."""

@@ -44,3 +44,13 @@ def architecture(name: Optional[str], source: str = "checkpoint") -> Architectur
     if arch is None:
         raise ValueError(f"{source}: model {name!r} is not supported; d2v_plugin reads {sorted(ARCHITECTURES)}")
     return arch
+
+
+def architecture_of(model) -> Architecture:
+    """The entry whose model class ``model`` is an instance of."""
+    import d2v_plugin.models  # noqa: F401
+
+    for arch in ARCHITECTURES.values():
+        if type(model) is arch.model:
+            return arch
+    raise ValueError(f"{type(model).__name__} is not a registered data2vec architecture")

@@ -15,6 +15,8 @@ from fairseq.models import BaseFairseqModel, register_model
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from omegaconf import II, OmegaConf
 
+from ..encoder import EncoderOutput
+from .architectures import Architecture, register_architecture
 from .blocks import Block, scaled_alibi
 from .ema import EMATeacher
 from .loss import feature_std, regression_loss
@@ -367,6 +369,30 @@ class Data2VecMultiModel(TeacherMixin, BaseFairseqModel):
                     "from an earlier checkpoint."
                 )
 
+    def encode(self, source, padding_mask=None, output_hidden_states: bool = False, keep_extra_tokens: bool = False) -> EncoderOutput:
+        """The student's output on the unmasked input (see :class:`d2v_plugin.EncoderOutput`)."""
+        enc = self.modality_encoders[self.mode]
+        out = enc(source, padding_mask, mask=False, remove_masked=False)
+        x, hidden = self.run_blocks(self.blocks, self.dropout_input(out["x"]), out, collect="outputs" if output_hidden_states else None)
+        if self.norm is not None:
+            x = self.norm(x)
+        pm = out["padding_mask"]
+        n = enc.modality_cfg.num_extra_tokens
+        cls = x[:, 0] if n else None
+        if n and not keep_extra_tokens:
+            x = x[:, n:]
+            pm = pm[:, n:] if pm is not None else None
+            hidden = [h[:, n:] for h in hidden]
+        return EncoderOutput(last_hidden_state=x, padding_mask=pm, hidden_states=tuple(hidden) if output_hidden_states else None, cls=cls)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    def max_positions(self):
+        """Longest token sequence (text); None for speech and images."""
+        return self.cfg.modalities.text.max_source_positions if self.mode == "TEXT" else None
+
     def extract_features(self, source, padding_mask=None, mask=False, mode=None, remove_extra_tokens=True):
         """Encoder output without decoder or teacher (Meta's format): ``{"x": (B, T, C),
         "padding_mask", "layer_results", "mask"}``; ``layer_results`` are the per-block target
@@ -387,3 +413,14 @@ def _mae_init(module: nn.Module) -> None:
             nn.init.ones_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+register_architecture(
+    Architecture(
+        name="data2vec_multi",
+        config=Data2VecMultiConfig,
+        model=Data2VecMultiModel,
+        modality=None,
+        vocab_key="modality_encoders.TEXT.local_encoder.embed_tokens.weight",
+    )
+)

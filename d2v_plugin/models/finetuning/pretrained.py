@@ -10,10 +10,11 @@ file is no longer needed.
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ...checkpoints import load_student, model_config
+from ..architectures import architecture_of
 
 
 def load_pretrained_encoder(model_path: str, modality: str, dictionary=None):
-    """The student encoder of ``model_path`` (ours or Meta's), checked to be of ``modality``.
+    """The student encoder of ``model_path`` (data2vec 1.0 or 2.0, ours or Meta's), checked to be of ``modality``.
 
     The encoder is returned in train mode, ready to be fine-tuned; its EMA teacher and
     decoder are gone. For text, ``dictionary`` must have the checkpoint's vocabulary size.
@@ -21,7 +22,7 @@ def load_pretrained_encoder(model_path: str, modality: str, dictionary=None):
     if not model_path:
         raise ValueError("model.model_path is required: the pretrained data2vec checkpoint to fine-tune")
     encoder = load_student(model_path, dictionary=dictionary)
-    found = str(encoder.cfg.supported_modality).upper()
+    found = encoder.mode
     if found != modality.upper():
         raise ValueError(f"{model_path} is a {found} model; this task needs a {modality.upper()} checkpoint")
     encoder.train()
@@ -29,14 +30,16 @@ def load_pretrained_encoder(model_path: str, modality: str, dictionary=None):
 
 
 def encoder_from_args(args, task):
-    """A freshly initialised encoder of a recorded architecture (``pretrained_model_args``)."""
-    from ..data2vec2 import Data2VecMultiConfig, Data2VecMultiModel
+    """A freshly initialised encoder of a recorded architecture (``pretrained_model_args``;
+    its ``_name`` says which, data2vec_multi when absent: records written before 1.0 existed)."""
+    from ..architectures import architecture
 
     if isinstance(args, DictConfig):
         args = OmegaConf.to_container(args, resolve=True)
-    enc_cfg = model_config(dict(args), Data2VecMultiConfig)
+    arch = architecture(args.get("_name") or "data2vec_multi", "model.pretrained_model_args")
+    enc_cfg = model_config(dict(args), arch.config)
     enc_cfg.skip_ema = True
-    encoder = Data2VecMultiModel(enc_cfg, task=task, skip_ema=True)
+    encoder = arch.model(enc_cfg, task=task, skip_ema=True)
     encoder.remove_pretraining_modules()
     return encoder
 
@@ -56,6 +59,7 @@ def finetuning_encoder(cfg, task, modality: str, load=None):
     else:
         encoder = load(cfg.model_path)
     args = OmegaConf.to_container(OmegaConf.structured(encoder.cfg), resolve=True, enum_to_str=True)
+    args["_name"] = architecture_of(encoder).name
     remember(cfg, "pretrained_model_args", args)
     return encoder, args
 

@@ -39,7 +39,7 @@ class SpanQAModel(BaseFairseqModel):
         self.encoder = encoder
         self.pad_idx = pad_idx
         self.dropout = nn.Dropout(cfg.head_dropout)
-        self.span_head = nn.Linear(encoder.cfg.embed_dim, 2)
+        self.span_head = nn.Linear(encoder.embed_dim, 2)
         nn.init.normal_(self.span_head.weight, std=0.02)
         nn.init.zeros_(self.span_head.bias)
 
@@ -47,7 +47,7 @@ class SpanQAModel(BaseFairseqModel):
     def build_model(cls, cfg: SpanQAConfig, task):
         dictionary = task.source_dictionary
         encoder, _ = finetuning_encoder(cfg, task, "TEXT")
-        limit = int(encoder.cfg.modalities.text.max_source_positions)
+        limit = int(encoder.max_positions())
         wanted = task.max_positions()
         if wanted is not None and int(wanted) > limit:
             raise ValueError(
@@ -58,7 +58,7 @@ class SpanQAModel(BaseFairseqModel):
         return cls(cfg, encoder, dictionary.pad())
 
     def max_positions(self):
-        return int(self.encoder.cfg.modalities.text.max_source_positions)
+        return int(self.encoder.max_positions())
 
     def forward(self, source, padding_mask=None, **unused):
         """``source`` (B, T) token ids -> start and end logits (B, T); padding gets -inf."""

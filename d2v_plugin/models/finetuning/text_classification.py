@@ -50,7 +50,7 @@ class Data2VecTextClassificationModel(BaseFairseqModel):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
-        dim = encoder.cfg.embed_dim
+        dim = encoder.embed_dim
         self.head = RobertaClassificationHead(
             input_dim=dim,
             inner_dim=cfg.pooler_inner_dim or dim,
@@ -71,7 +71,7 @@ class Data2VecTextClassificationModel(BaseFairseqModel):
         return cls(cfg, encoder)
 
     def max_positions(self):
-        return self.encoder.cfg.modalities.text.max_source_positions
+        return self.encoder.max_positions()
 
     def forward(self, source, padding_mask=None, **unused):
         """Logits (B, num_classes) from the encoder's output at the first token."""
@@ -93,7 +93,7 @@ def _load_encoder(model_path, task):
 
 
 def _check_positions(encoder, task):
-    limit = encoder.cfg.modalities.text.max_source_positions
+    limit = encoder.max_positions()
     wanted = task.max_positions() if hasattr(task, "max_positions") else None
     if isinstance(wanted, int) and wanted > limit:
         raise ValueError(
