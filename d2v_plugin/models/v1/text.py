@@ -144,6 +144,11 @@ def _rename(state: Dict[str, torch.Tensor], rename) -> Dict[str, torch.Tensor]:
     return out
 
 
+def from_meta_teacher(teacher: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Meta's ``encoder._ema`` (names relative to ``sentence_encoder``) -> our ``_ema``."""
+    return _rename(teacher, lambda k: (meta_teacher_name(k), meta_name(META_PREFIX + k)[1]))
+
+
 def from_meta_state(state: Dict[str, Any]) -> Dict[str, Any]:
     """A checkpoint's model state under our names (identity for our own checkpoints)."""
     if not any(k.startswith(META_PREFIX) for k in state):
@@ -152,7 +157,7 @@ def from_meta_state(state: Dict[str, Any]) -> Dict[str, Any]:
     teacher = state.pop("encoder._ema", None)
     out = _rename(state, meta_name)
     if teacher is not None:
-        out["_ema"] = _rename(teacher, lambda k: (meta_teacher_name(k), meta_name(META_PREFIX + k)[1]))
+        out["_ema"] = from_meta_teacher(teacher)
     return out
 
 
