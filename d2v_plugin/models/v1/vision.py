@@ -149,7 +149,7 @@ class VisionEncoder(nn.Module):
                 drop_path=rates[i],
                 layer_norm_first=True,
                 ffn_residual=True,
-                ffn_targets=not cfg.end_of_block_targets,
+                ffn_targets=True,  # forward picks the block output or the FFN branch
                 layer_scale_init=cfg.layer_scale_init_value,
             )
             for i in range(cfg.depth)
