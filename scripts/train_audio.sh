@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# data2vec 2.0 speech pretraining. Run with --help for the details.
+# data2vec 2.0 (or, with --v1, 1.0) speech pretraining. Run with --help for the details.
 set -euo pipefail
 
 usage() {
@@ -19,7 +19,12 @@ datasets/librispeech/prepare.sh, whose manifests/ is used): the LibriSpeech 960 
 samples per update; unless --update-freq is given the script sets update_freq = 8 / GPUs
 (rounded up) to keep it.
 
-Checkpoints go to --save-dir (default ./checkpoints/audio_tiny or ./checkpoints/audio_base);
+With --v1: data2vec 1.0 (data2vec_audio) instead, config/pretraining/v1_audio_tiny.yaml
+without DATA_DIR, or Meta's data2vec 1.0 LibriSpeech recipe config/pretraining/v1_audio_base.yaml
+with it (16 GPUs x 3,800,000 samples per update: update_freq = 16 / GPUs unless given).
+
+Checkpoints go to --save-dir (default ./checkpoints/audio_tiny or ./checkpoints/audio_base;
+with --v1 ./checkpoints/v1_audio_tiny or ./checkpoints/v1_audio_base);
 re-running the same command resumes from DIR/checkpoint_last.pt.
 
 Options:
@@ -28,6 +33,7 @@ Options:
   --save-dir DIR     checkpoint directory
   --config NAME      config under config/pretraining (default: audio_tiny without DATA_DIR,
                      audio_base with it)
+  --v1               data2vec 1.0 speech: default config v1_audio_tiny / v1_audio_base
   --cpu              train on the CPU (single process) even with a DATA_DIR
   -h, --help         show this help
   key=value          passed to fairseq-hydra-train, e.g. optimization.max_update=1000
@@ -47,7 +53,19 @@ script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$script_dir/lib/common.sh"
 config_dir="$(d2v_config_dir "$script_dir")"
 
-d2v_parse_pretrain_args "$@"
+# --v1 is this script's own option; the rest is the shared pretraining command line
+V1=0
+shared_args=()
+for a in "$@"; do
+    if [[ "$a" == "--v1" ]]; then V1=1; else shared_args+=("$a"); fi
+done
+d2v_parse_pretrain_args ${shared_args[@]+"${shared_args[@]}"}
+prefix=""
+recipe_gpus=8
+if [[ $V1 -eq 1 ]]; then
+    prefix="v1_"
+    recipe_gpus=16
+fi
 d2v_find_hydra_train
 
 # Synthesizes the demo corpus into DIR (DIR/wav/*.wav at 16 kHz, DIR/train.tsv).
@@ -161,7 +179,7 @@ default_override() {
     args+=("$1")
 }
 if [[ -z "$DATA" ]]; then
-    CONFIG="${CONFIG:-audio_tiny}"
+    CONFIG="${CONFIG:-${prefix}audio_tiny}"
     DATA="data/speech_demo"
     write_speech_demo "$DATA"
     CPU=1
@@ -170,7 +188,7 @@ if [[ -z "$DATA" ]]; then
     default_override common.log_interval=25
     default_override checkpoint.save_interval_updates=100
 else
-    CONFIG="${CONFIG:-audio_base}"
+    CONFIG="${CONFIG:-${prefix}audio_base}"
     [[ -d "$DATA" ]] || die "data directory $DATA does not exist"
     if [[ ! -f "$DATA/train.tsv" && -f "$DATA/manifests/train.tsv" ]]; then
         DATA="$DATA/manifests"
@@ -184,6 +202,6 @@ if [[ $CPU -eq 0 && -z "$GPUS" ]]; then
     d2v_detect_gpus
     GPUS="$VISIBLE_GPUS"
 fi
-# the recipe's batch: 8 GPUs x 1,000,000 samples
-d2v_add_pretrain_device_args args 8
+# the recipe's batch: 8 GPUs x 1,000,000 samples (1.0: 16 GPUs x 3,800,000)
+d2v_add_pretrain_device_args args "$recipe_gpus"
 d2v_run_pretraining "$config_dir" "${args[@]}"

@@ -283,3 +283,33 @@ def test_killed_v1_audio_run_resumes_exactly(runs):
                 torch.testing.assert_close(resumed["model"]["_ema"][k], v, atol=1e-5, rtol=1e-5, msg=f"teacher {k}")
         else:
             torch.testing.assert_close(resumed["model"][name], value, atol=1e-5, rtol=1e-5, msg=f"student {name}")
+
+
+# ---- 5. scripts/train_audio.sh --v1 ----------------------------------------------------
+def test_train_audio_script_v1_switch(tmp_path):
+    """--v1 picks the 1.0 configs and save dirs and keeps the 1.0 recipe's batch (16 GPUs);
+    a stand-in fairseq-hydra-train prints the command it gets."""
+    from helpers import REPO, run
+
+    fake = tmp_path / "fake-train"
+    fake.write_text('#!/usr/bin/env bash\necho "TRAIN $*"\n')
+    fake.chmod(0o755)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text(f"{data}\n")
+    script = REPO / "scripts" / "train_audio.sh"
+    assert "--v1" in run(["bash", script, "--help"]).stdout
+
+    def train(*args):
+        proc = subprocess.run(["bash", str(script), *map(str, args)], cwd=tmp_path, env={**env(), "FAIRSEQ_HYDRA_TRAIN": str(fake)},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return next(line for line in proc.stdout.splitlines() if line.startswith("TRAIN ")).split()
+
+    v1 = train(data, "--v1", "--gpus", "4")
+    assert "pretraining/v1_audio_base" in v1 and f"checkpoint.save_dir={tmp_path}/checkpoints/v1_audio_base" in v1
+    assert "optimization.update_freq=[4]" in v1
+    v2 = train(data, "--gpus", "4")
+    assert "pretraining/audio_base" in v2 and "optimization.update_freq=[2]" in v2
+    cpu = train(data, "--v1", "--cpu", "--save-dir", tmp_path / "mine", "optimization.max_update=3")
+    assert "pretraining/v1_audio_base" in cpu and f"checkpoint.save_dir={tmp_path}/mine" in cpu and "optimization.max_update=3" in cpu
