@@ -313,3 +313,26 @@ def test_train_audio_script_v1_switch(tmp_path):
     assert "pretraining/audio_base" in v2 and "optimization.update_freq=[2]" in v2
     cpu = train(data, "--v1", "--cpu", "--save-dir", tmp_path / "mine", "optimization.max_update=3")
     assert "pretraining/v1_audio_base" in cpu and f"checkpoint.save_dir={tmp_path}/mine" in cpu and "optimization.max_update=3" in cpu
+
+
+def test_masks_stay_inside_real_frames_and_are_reproducible():
+    """Spans never cover padded frames, every row hides as many frames, and the same
+    generator seed gives the same mask (what makes a resumed run exact)."""
+    cfg = Data2VecAudioConfig(encoder_layers=1, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=2,
+                              conv_feature_layers="[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16,2,2)] * 2", conv_pos=8,
+                              conv_pos_groups=4, pos_conv_depth=2, mask_prob=0.65, mask_length=3, ema_anneal_end_step=10, seed=1)
+    model = d2v_plugin.models.v1.audio.Data2VecAudioModel(cfg, skip_ema=True)
+    source, pm = torch.randn(3, 16000), torch.zeros(3, 16000, dtype=torch.bool)
+    pm[1, 12000:] = True
+    pm[2, 8000:] = True
+    x, frame_pm = model.encoder_input(source, pm)
+    assert frame_pm.sum(1).tolist() == [0, 12, 25]  # 37 and 24 real frames of 49
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return model.draw_mask(x, frame_pm, g)
+
+    mask = draw(5)
+    assert not (mask & frame_pm).any()
+    assert len(set(mask.sum(1).tolist())) == 1 and mask.sum(1)[0] > 0
+    assert torch.equal(draw(5), mask) and not torch.equal(draw(6), mask)
