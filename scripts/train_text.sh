@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# data2vec 2.0 text pretraining, from an embedded corpus on a laptop CPU to OpenWebText on GPUs.
+# data2vec text pretraining (2.0, or 1.0 with --v1), from an embedded corpus on a laptop CPU to OpenWebText on GPUs.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,13 +20,19 @@ Without DATA_DIR (quick start, no downloads):
 With DATA_DIR (a directory with dict.txt and train/valid .bin/.idx, e.g. the bin/ output of
 datasets/openwebtext/prepare.sh): pretrains config/pretraining/text_base.yaml on the GPUs.
 
+With --v1: data2vec 1.0 text (data2vec_text) instead of 2.0: config/pretraining/v1_text_tiny.yaml
+for the quick start, config/pretraining/v1_text_base.yaml (Meta's 1.0 recipe) with DATA_DIR.
+
 Re-running the same command resumes from SAVE_DIR/checkpoint_last.pt.
 
 Options:
+  --v1               data2vec 1.0 text: the default config becomes pretraining/v1_text_tiny or
+                     pretraining/v1_text_base, the default save dir checkpoints/v1_text_tiny or
+                     checkpoints/v1_text_base
   --config NAME      config under config/ (default: pretraining/text_tiny without DATA_DIR,
-                     pretraining/text_base with it)
+                     pretraining/text_base with it; see --v1)
   --save-dir DIR     where checkpoints go (default: checkpoints/text_tiny or checkpoints/text_base under
-                     the current directory)
+                     the current directory; see --v1)
   --work-dir DIR     where the quick start writes its corpus and vocabulary (default: data/text_demo)
   --gpus N           GPUs to train on (default: all visible; 0 = CPU)
   --update-freq N    gradient accumulation steps (default with GPUs: 16 / gpus, so that the
@@ -40,11 +46,12 @@ USAGE
 
 say() { echo "== $*"; }
 
-DATA=""; CONFIG=""; SAVE_DIR=""; WORK_DIR="data/text_demo"; GPUS=""; UPDATE_FREQ=""; MAX_UPDATE=""
+DATA=""; CONFIG=""; SAVE_DIR=""; V1=""; WORK_DIR="data/text_demo"; GPUS=""; UPDATE_FREQ=""; MAX_UPDATE=""
 OVERRIDES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
+    --v1) V1="v1_"; shift ;;
     --config) CONFIG="$2"; shift 2 ;;
     --save-dir) SAVE_DIR="$2"; shift 2 ;;
     --work-dir) WORK_DIR="$2"; shift 2 ;;
@@ -66,8 +73,8 @@ if ! "$PYTHON" -c "import d2v_plugin" 2>/dev/null; then
 fi
 
 if [[ -z "$DATA" ]]; then
-  CONFIG="${CONFIG:-pretraining/text_tiny}"
-  SAVE_DIR="${SAVE_DIR:-checkpoints/text_tiny}"
+  CONFIG="${CONFIG:-pretraining/${V1}text_tiny}"
+  SAVE_DIR="${SAVE_DIR:-checkpoints/${V1}text_tiny}"
   GPUS="${GPUS:-0}"
   say "quick start: embedded corpus (Python's documentation) -> sentencepiece -> binarized data in $WORK_DIR"
   "$PYTHON" -m d2v_plugin.prep.text --default-corpus --out "$WORK_DIR" --vocab-size 4000 --workers 2
@@ -77,8 +84,8 @@ else
     echo "train_text.sh: $DATA has no dict.txt; pass the binarized directory (e.g. the bin/ output of datasets/openwebtext/prepare.sh)" >&2
     exit 1
   fi
-  CONFIG="${CONFIG:-pretraining/text_base}"
-  SAVE_DIR="${SAVE_DIR:-checkpoints/text_base}"
+  CONFIG="${CONFIG:-pretraining/${V1}text_base}"
+  SAVE_DIR="${SAVE_DIR:-checkpoints/${V1}text_base}"
   if [[ -z "$GPUS" ]]; then
     GPUS="$(d2v_gpu_count)"
   fi

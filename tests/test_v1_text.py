@@ -248,50 +248,7 @@ def test_padding_is_never_predicted():
 # ---- pretraining through fairseq-hydra-train -------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_run(text_bin, tmp_path_factory):
-    """100 updates of v1_text_tiny, logged every 10 updates."""
-    save = tmp_path_factory.mktemp("v1_tiny_run")
-    proc = hydra_train(
-        TINY, f"task.data={text_bin}", f"checkpoint.save_dir={save}",
-        "optimization.max_update=100", "common.log_interval=10", "checkpoint.save_interval_updates=50",
-        cwd=tmp_path_factory.mktemp("cwd"),
-    )
-    return save, proc.stdout, train_log(proc.stdout)
-
-
-def test_tiny_pretraining_learns_and_logs(tiny_run):
-    save, out, rows = tiny_run
-    assert len(rows) == 10, out[-3000:]
-    first = sum(r["loss"] for r in rows[:2]) / 2
-    last = sum(r["loss"] for r in rows[-2:]) / 2
-    assert last < 0.8 * first, [r["loss"] for r in rows]
-    for key in ("ema_decay", "target_var", "pred_var", "masked_pct", "model_norm", "ema_norm"):
-        assert key in rows[-1], f"{key} not logged: {sorted(rows[-1])}"
-    # 0.35 in spans of 4, less their overlap; 8 x 64 tokens, no padding
-    assert 0.27 < rows[-1]["masked_pct"] < 0.35
-    assert rows[-1]["sample_size"] == pytest.approx(rows[-1]["masked_pct"] * 8 * 64, rel=0.02)
-    for row in rows:  # each line averages the decay of its 10 updates: annealed(k - 1) at update k
-        n = int(row["num_updates"])
-        expected = sum(annealed(0.998, 0.9999, k - 1, 100) for k in range(n - 9, n + 1)) / 10
-        assert row["ema_decay"] == pytest.approx(expected, abs=2e-6)
-
-
-def test_tiny_checkpoint_reloads(tiny_run, text_bin):
-    save, _, _ = tiny_run
-    ckpt = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
-    state = ckpt["model"]
-    assert ckpt["cfg"]["model"]["_name"] == "data2vec_text"
-    assert set(state["_ema"]) == {k[len("encoder."):] for k in state if k.startswith("encoder.")}
-    diff = (state["_ema"]["blocks.0.attn.qkv.weight"] - state["encoder.blocks.0.attn.qkv.weight"]).abs().max()
-    assert 0 < diff < 0.5
-    # embeddings are copied, not averaged (ema_transformer_layers_only)... as of the last EMA step
-    enc = d2v_plugin.load_encoder(str(save / "checkpoint_last.pt"))
-    tokens = torch.tensor([[0, 5, 6, 7, 8, 2, 1, 1]])
-    out = enc(tokens, output_hidden_states=True)
-    assert out.last_hidden_state.shape == (1, 8, 64) and len(out.hidden_states) == 2
-    assert out.padding_mask.tolist() == [[False] * 6 + [True] * 2]
-    assert not hasattr(enc.model, "regression_head") or enc.model.regression_head is None
+END = 80  # updates of the uninterrupted run
 
 
 def _train_args(text_bin, save, max_update):
@@ -299,14 +256,64 @@ def _train_args(text_bin, save, max_update):
         f"task.data={text_bin}", f"checkpoint.save_dir={save}", f"optimization.max_update={max_update}",
         "checkpoint.save_interval_updates=20", "common.log_interval=1", "model.ema_anneal_end_step=1000",
         "model.ema_decay=0.95", "model.ema_end_decay=0.99",
-        # the whole run inside the warm-up: the same learning rates whatever max_update says
-        "lr_scheduler.warmup_updates=1000",
+        # a cosine period that does not follow max_update: every run gets the same learning rates
+        "lr_scheduler.warmup_updates=10", "+lr_scheduler.lr_period_updates=1000",
     ]
 
 
-def test_killed_run_resumes_exactly(text_bin, tmp_path):
-    """SIGKILL a run after a checkpoint; the restart continues from it and ends where an
-    uninterrupted run ends: same update, same student, same EMA teacher, same losses."""
+@pytest.fixture(scope="module")
+def tiny_run(text_bin, tmp_path_factory):
+    """END updates of v1_text_tiny, uninterrupted, logged at every update."""
+    save = tmp_path_factory.mktemp("v1_tiny_run")
+    proc = hydra_train(TINY, *_train_args(text_bin, save, END), cwd=tmp_path_factory.mktemp("cwd"))
+    return save, proc.stdout, train_log(proc.stdout)
+
+
+def test_tiny_pretraining_learns_and_logs(tiny_run):
+    save, out, rows = tiny_run
+    assert [int(r["num_updates"]) for r in rows] == list(range(1, END + 1)), out[-3000:]
+    first = sum(r["loss"] for r in rows[:10]) / 10
+    last = sum(r["loss"] for r in rows[-10:]) / 10
+    assert last < 0.7 * first, [r["loss"] for r in rows]
+    for key in ("ema_decay", "target_var", "pred_var", "masked_pct", "model_norm", "ema_norm"):
+        assert key in rows[-1], f"{key} not logged: {sorted(rows[-1])}"
+    # 0.35 in spans of 4, less their overlap; 8 x 64 tokens, no padding
+    pct = sum(r["masked_pct"] for r in rows) / len(rows)
+    assert 0.27 < pct < 0.35, pct
+    for row in rows:
+        assert row["sample_size"] == pytest.approx(row["masked_pct"] * 8 * 64, abs=0.5)
+        # update k runs with the decay set by set_num_updates(k - 1)
+        k = int(row["num_updates"])
+        assert row["ema_decay"] == pytest.approx(annealed(0.95, 0.99, k - 1, 1000), abs=2e-6)
+
+
+def test_tiny_checkpoint_reloads(tiny_run):
+    save, _, _ = tiny_run
+    ckpt = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    state = ckpt["model"]
+    assert ckpt["cfg"]["model"]["_name"] == "data2vec_text"
+    assert ckpt["optimizer_history"][-1]["num_updates"] == END
+    teacher = state["_ema"]
+    assert set(teacher) == {k[len("encoder."):] for k in state if k.startswith("encoder.")}
+    diff = (teacher["blocks.0.attn.qkv.weight"] - state["encoder.blocks.0.attn.qkv.weight"]).abs().max()
+    assert 0 < diff < 0.5
+    # the embeddings are copied (ema_transformer_layers_only): the student of the last EMA step,
+    # one optimizer step before the saved student
+    emb = (teacher["local_encoder.embed_tokens.weight"] - state["encoder.local_encoder.embed_tokens.weight"]).abs().max()
+    assert emb < 0.01
+    enc = d2v_plugin.load_encoder(str(save / "checkpoint_last.pt"))
+    tokens = torch.tensor([[0, 5, 6, 7, 8, 2, 1, 1]])
+    with torch.no_grad():
+        out = enc(tokens, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (1, 8, 64) and len(out.hidden_states) == 2
+    assert out.padding_mask.tolist() == [[False] * 6 + [True] * 2]
+    assert enc.model.regression_head is None and enc.model.ema is None
+
+
+def test_killed_run_resumes_exactly(text_bin, tmp_path, tiny_run):
+    """SIGKILL a run after a checkpoint; the restart continues from it and ends where the
+    uninterrupted run (``tiny_run``) ends: same losses, same student, same EMA teacher."""
+    straight, _, straight_log = tiny_run
     save = tmp_path / "killed"
     cmd = [BIN / "fairseq-hydra-train", "--config-dir", CONFIG_DIR, "--config-name", TINY, *_train_args(text_bin, save, 1000)]
     proc = subprocess.Popen([str(c) for c in cmd], cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -318,23 +325,19 @@ def test_killed_run_resumes_exactly(text_bin, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     n = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)["optimizer_history"][-1]["num_updates"]
-    assert n >= 40
+    assert 40 <= n < END
 
-    out = hydra_train(TINY, *_train_args(text_bin, save, n + 5), cwd=tmp_path).stdout
+    out = hydra_train(TINY, *_train_args(text_bin, save, END), cwd=tmp_path).stdout
     assert "Loaded checkpoint" in out and f"@ {n} updates" in out, out[-3000:]
     resumed_log = train_log(out)
-    assert resumed_log[0]["num_updates"] == n + 1
-
-    straight = tmp_path / "straight"
-    straight_log = train_log(hydra_train(TINY, *_train_args(text_bin, straight, n + 5), cwd=tmp_path).stdout)
-    by_update = {int(r["num_updates"]): r for r in straight_log}
+    assert [int(r["num_updates"]) for r in resumed_log] == list(range(n + 1, END + 1))
     for row in resumed_log:
-        ref = by_update[int(row["num_updates"])]
+        ref = straight_log[int(row["num_updates"]) - 1]
+        assert row["sample_size"] == ref["sample_size"], "the same masks"
         assert row["loss"] == pytest.approx(ref["loss"], abs=2e-4), row["num_updates"]
-        assert row["sample_size"] == ref["sample_size"]
     resumed = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     reference = torch.load(straight / "checkpoint_last.pt", map_location="cpu", weights_only=True)
-    assert resumed["optimizer_history"][-1]["num_updates"] == n + 5
+    assert resumed["optimizer_history"][-1]["num_updates"] == END
     assert set(resumed["model"]) == set(reference["model"])
     for name, value in reference["model"].items():
         if name == "_ema":
@@ -342,3 +345,38 @@ def test_killed_run_resumes_exactly(text_bin, tmp_path):
                 torch.testing.assert_close(resumed["model"]["_ema"][k], v, atol=1e-5, rtol=1e-5, msg=f"teacher {k}")
         else:
             torch.testing.assert_close(resumed["model"][name], value, atol=1e-5, rtol=1e-5, msg=f"student {name}")
+
+
+def test_train_text_script_v1_selects_the_1_0_configs(tmp_path):
+    """``train_text.sh --v1`` picks pretraining/v1_text_tiny (quick start) or pretraining/v1_text_base
+    (with DATA_DIR) and saves under checkpoints/v1_text_*; without --v1 the 2.0 configs. A stand-in
+    fairseq-hydra-train records its arguments (the configs themselves train in the tests above)."""
+    from helpers import REPO
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "fairseq-hydra-train").write_text('#!/usr/bin/env bash\necho "ARGS $*"\n')
+    (fake / "fairseq-hydra-train").chmod(0o755)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dict.txt").write_text("a 1\n")
+    (tmp_path / "demo" / "bin").mkdir(parents=True)
+    e = {**env(), "PATH": f"{fake}{os.pathsep}{env()['PATH']}", "PYTHON": "true"}  # `true`: no corpus preparation
+
+    def args(*cli):
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "train_text.sh"), *cli], cwd=tmp_path, env=e,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return next(line for line in proc.stdout.splitlines() if line.startswith("ARGS ")).split()
+
+    help_text = subprocess.run(["bash", str(REPO / "scripts" / "train_text.sh"), "--help"], capture_output=True, text=True).stdout
+    assert "--v1" in help_text and "v1_text_tiny" in help_text and "v1_text_base" in help_text
+    for cli, config, save in (
+        (["--v1", "--work-dir", "demo"], "pretraining/v1_text_tiny", "checkpoints/v1_text_tiny"),
+        ([str(data), "--v1", "--gpus", "2"], "pretraining/v1_text_base", "checkpoints/v1_text_base"),
+        ([str(data), "--gpus", "2"], "pretraining/text_base", "checkpoints/text_base"),
+        (["--work-dir", "demo"], "pretraining/text_tiny", "checkpoints/text_tiny"),
+    ):
+        a = args(*cli)
+        assert a[a.index("--config-name") + 1] == config, cli
+        assert f"checkpoint.save_dir={save}" in a, cli
