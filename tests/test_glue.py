@@ -455,6 +455,54 @@ def test_meta_checkpoint_builds_a_classifier(tmp_path):
     assert root.model.pretrained_model_args["embed_dim"] == 64  # recorded for re-loading
 
 
+def test_data2vec_1_0_checkpoint_finetunes_and_reloads(pretrained, tmp_path):
+    """Our data2vec 1.0 text model (v1_text_tiny, 5 updates) fine-tuned with the same recipe as 2.0."""
+    from d2v_plugin.models.v1.text import Data2VecTextModel
+
+    _, dict_path = pretrained
+    corpus_bin = dict_path.parent
+    hydra_train("pretraining/v1_text_tiny", f"task.data={corpus_bin}", "optimization.max_update=5", f"checkpoint.save_dir={tmp_path / 'v1'}")
+    ckpt = tmp_path / "v1" / "checkpoint_last.pt"
+    data = _prep(tmp_path, "cls", dict_path)
+    start = tmp_path / "pretrained_copy.pt"  # removed before re-loading: the fine-tuned file must suffice
+    shutil.copyfile(ckpt, start)
+    _finetune_script(start, data, tmp_path / "runs", "optimization.max_update=30")
+    logged = json.loads((tmp_path / "runs" / "tiny" / "result.json").read_text())
+    start.unlink()
+    model, untrained, task = _finetuned_and_untrained(tmp_path / "runs" / "tiny" / "checkpoint_best.pt", ckpt, data)
+    assert isinstance(model.encoder, Data2VecTextModel) and isinstance(untrained.encoder, Data2VecTextModel)
+    preds, labels = _evaluate(model, task)
+    acc = 100 * skm.accuracy_score(labels, preds)
+    assert acc == pytest.approx(logged["value"], abs=0.01)
+    base = 100 * skm.accuracy_score(labels, _evaluate(untrained, task)[0])
+    assert acc >= 95 and acc > base + 15, (acc, base)
+
+
+def test_meta_data2vec_1_0_checkpoint_builds_a_classifier(tmp_path):
+    """Meta's data2vec 1.0 text checkpoint (RoBERTa-style keys, 52 symbols + 4 specials + <mask>):
+    the classifier's encoder computes what load_encoder computes, Meta's output within 1e-4."""
+    import d2v_plugin
+    from d2v_plugin.tasks.text_classification import TextClassificationTask
+
+    ckpt = compat_dir() / "v1_text.checkpoint.pt"
+    (tmp_path / "input0").mkdir()
+    shutil.copyfile(compat_dir() / "v1_text.dict.txt", tmp_path / "input0" / "dict.txt")
+    (tmp_path / "label").mkdir()
+    (tmp_path / "label" / "dict.txt").write_text("0 1\n1 1\n")
+    root = _root_config(tmp_path, ckpt, max_positions=32)
+    model = TextClassificationTask.setup_task(root.task).build_model(root.model).eval()
+    expected = torch.load(compat_dir() / "v1_text.expected.pt", weights_only=True)
+    source, pad = expected["source"], expected["padding_mask"]
+    with torch.no_grad():
+        x = model.encoder.extract_features(source, padding_mask=pad)["x"]
+        logits = model(source, padding_mask=pad)
+        ref = d2v_plugin.load_encoder(str(ckpt))(source).last_hidden_state
+    torch.testing.assert_close(x, ref)
+    assert (x - expected["x"])[~pad].abs().max() < 1e-4
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    assert root.model.pretrained_model_args["_name"] == "data2vec_text"
+
+
 def test_longer_inputs_than_the_encoder_knows_are_refused(pretrained, tmp_path):
     from d2v_plugin.tasks.text_classification import TextClassificationTask
 

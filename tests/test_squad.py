@@ -407,6 +407,40 @@ def test_finetune_v1_learns_the_answers(squad_env, tmp_path):
         torch.testing.assert_close(value, saved[name], msg=name)
 
 
+@pytest.fixture(scope="module")
+def squad_v1_ckpt(squad_env, tmp_path_factory):
+    """A tiny data2vec 1.0 text checkpoint (5 updates) on the same tokens as squad_env's."""
+    save = tmp_path_factory.mktemp("pretrained_v1")
+    hydra_train("pretraining/v1_text_tiny", f"task.data={squad_env['root'] / 'pre' / 'bin'}", "optimization.max_update=5",
+                f"checkpoint.save_dir={save}")
+    return save / "checkpoint_last.pt"
+
+
+def test_finetune_from_data2vec_1_0(squad_env, squad_v1_ckpt, tmp_path):
+    """A data2vec 1.0 encoder under the span head: it learns, and the fine-tuned file re-loads alone."""
+    e = dict(squad_env, ckpt=squad_v1_ckpt)
+    before = untrained_metrics(e, False, tmp_path / "untrained")
+    save = tmp_path / "ft"
+    start = tmp_path / "pretrained_copy.pt"
+    shutil.copyfile(squad_v1_ckpt, start)
+    hydra_train("finetuning/squad/tiny", f"task.data={e['root'] / 'v1'}", *tokenizer_overrides(e),
+                f"model.model_path={start}", f"checkpoint.save_dir={save}", "optimization.max_update=60")
+    result = json.loads((save / "eval.json").read_text())
+    assert result["f1"] >= before["f1"] + 40, (before, result)
+
+    from fairseq import checkpoint_utils
+
+    from d2v_plugin.models.v1.text import Data2VecTextModel
+
+    start.unlink()
+    models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([str(save / "checkpoint_last.pt")])
+    assert isinstance(models[0].encoder, Data2VecTextModel)
+    assert cfg.model.pretrained_model_args["_name"] == "data2vec_text"
+    saved = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)["model"]
+    for name, value in models[0].state_dict().items():
+        torch.testing.assert_close(value, saved[name], msg=name)
+
+
 def test_finetune_script_v2(squad_env, tmp_path):
     """scripts/finetune_squad.sh 2.0: trains, writes predictions and null odds, prints the official v2.0 JSON."""
     e = squad_env
