@@ -24,6 +24,17 @@ class EncoderOutput:
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     cls: Optional[torch.Tensor] = None
 
+    @classmethod
+    def from_sequence(cls, x, padding_mask, hidden, num_extra_tokens: int, keep_extra_tokens: bool, output_hidden_states: bool):
+        """The output of a model whose sequences start with ``num_extra_tokens`` extra tokens."""
+        n = num_extra_tokens
+        first = x[:, 0] if n else None
+        if n and not keep_extra_tokens:
+            x = x[:, n:]
+            padding_mask = padding_mask[:, n:] if padding_mask is not None else None
+            hidden = [h[:, n:] for h in hidden]
+        return cls(last_hidden_state=x, padding_mask=padding_mask, hidden_states=tuple(hidden) if output_hidden_states else None, cls=first)
+
 
 class Encoder(nn.Module):
     """A data2vec student encoder (1.0 or 2.0) for feature extraction (see :func:`d2v_plugin.load_encoder`).

@@ -19,7 +19,7 @@ from ..encoder import EncoderOutput
 from .architectures import Architecture, register_architecture
 from .blocks import Block, scaled_alibi
 from .ema import EMATeacher
-from .loss import feature_std, regression_loss
+from .loss import RepresentationCollapse, check_collapse, feature_std, regression_loss  # noqa: F401  (RepresentationCollapse: public here)
 from .masking import MaskSeed
 from .modalities.audio import AudioConfig, AudioEncoder
 from .modalities.image import ImageConfig, ImageEncoder
@@ -30,10 +30,6 @@ from .teacher import TeacherMixin
 logger = logging.getLogger(__name__)
 
 MODALITIES = ChoiceEnum(["TEXT", "AUDIO", "IMAGE"])
-
-
-class RepresentationCollapse(RuntimeError):
-    """Targets or predictions lost their variance: training would only produce constants."""
 
 
 @dataclass
@@ -350,24 +346,8 @@ class Data2VecMultiModel(TeacherMixin, BaseFairseqModel):
             result["ema_decay"] = self.ema.decay
             if cfg.log_norms:
                 result.update(self.ema.logs)
-            self.check_collapse(result)
+            check_collapse(result, cfg, self.num_updates)
         return result
-
-    def check_collapse(self, result):
-        cfg = self.cfg
-        if self.num_updates < cfg.collapse_check_start:
-            return
-        for key, limit, setting in (
-            ("target_var", cfg.min_target_var, "model.min_target_var"),
-            ("pred_var", cfg.min_pred_var, "model.min_pred_var"),
-        ):
-            value = float(result[key])
-            if value < limit:
-                raise RepresentationCollapse(
-                    f"{key} is {value:.4g} < {setting}={limit} at update {self.num_updates}: the representations "
-                    "have collapsed. Lower the learning rate, raise ema_decay or change the masking, then restart "
-                    "from an earlier checkpoint."
-                )
 
     def encode(self, source, padding_mask=None, output_hidden_states: bool = False, keep_extra_tokens: bool = False) -> EncoderOutput:
         """The student's output on the unmasked input (see :class:`d2v_plugin.EncoderOutput`)."""
@@ -376,14 +356,7 @@ class Data2VecMultiModel(TeacherMixin, BaseFairseqModel):
         x, hidden = self.run_blocks(self.blocks, self.dropout_input(out["x"]), out, collect="outputs" if output_hidden_states else None)
         if self.norm is not None:
             x = self.norm(x)
-        pm = out["padding_mask"]
-        n = enc.modality_cfg.num_extra_tokens
-        cls = x[:, 0] if n else None
-        if n and not keep_extra_tokens:
-            x = x[:, n:]
-            pm = pm[:, n:] if pm is not None else None
-            hidden = [h[:, n:] for h in hidden]
-        return EncoderOutput(last_hidden_state=x, padding_mask=pm, hidden_states=tuple(hidden) if output_hidden_states else None, cls=cls)
+        return EncoderOutput.from_sequence(x, out["padding_mask"], hidden, enc.modality_cfg.num_extra_tokens, keep_extra_tokens, output_hidden_states)
 
     @property
     def embed_dim(self) -> int:

@@ -40,3 +40,25 @@ def feature_std(y: torch.Tensor) -> torch.Tensor:
     else:
         var = y.var(dim=0)
     return torch.sqrt(var + 1e-6).mean()
+
+
+class RepresentationCollapse(RuntimeError):
+    """Targets or predictions lost their variance: training would only produce constants."""
+
+
+def check_collapse(result, cfg, num_updates: int) -> None:
+    """Raise :class:`RepresentationCollapse` when ``result``'s target_var / pred_var fall below
+    ``cfg.min_target_var`` / ``cfg.min_pred_var`` (from update ``cfg.collapse_check_start`` on)."""
+    if num_updates < cfg.collapse_check_start:
+        return
+    for key, limit, setting in (
+        ("target_var", cfg.min_target_var, "model.min_target_var"),
+        ("pred_var", cfg.min_pred_var, "model.min_pred_var"),
+    ):
+        value = float(result[key])
+        if value < limit:
+            raise RepresentationCollapse(
+                f"{key} is {value:.4g} < {setting}={limit} at update {num_updates}: the representations "
+                "have collapsed. Lower the learning rate, raise ema_decay or change the masking, then restart "
+                "from an earlier checkpoint."
+            )

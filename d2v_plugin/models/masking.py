@@ -82,10 +82,7 @@ def span_mask(
     With ``inverse`` the spans mark what stays visible. Rows get the same mask count.
     """
     prob = 1 - mask_prob if inverse else mask_prob
-    seed = None
-    if generator is not None:
-        # fairseq's function seeds numpy per row from (seed, epoch, index): derive its seed from ours
-        seed = int(torch.randint(1, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
+    seed = _fairseq_seed(generator)
     mask = compute_mask_indices(
         (B, T),
         padding_mask,
@@ -142,7 +139,19 @@ def gather_alibi(alibi_bias: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tens
     return torch.gather(bias, 3, cols)
 
 
-def channel_mask(B: int, T: int, C: int, prob: float, length: int, device) -> torch.Tensor:
+def _fairseq_seed(generator: Optional[torch.Generator]) -> Optional[int]:
+    """fairseq's ``compute_mask_indices`` seeds numpy per row from (seed, epoch, index): its seed
+    comes from our generator (None: numpy's global RNG)."""
+    if generator is None:
+        return None
+    return int(torch.randint(1, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
+
+
+def channel_mask(B: int, T: int, C: int, prob: float, length: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(B, T, C) bool: spans of channels zeroed at every step of a row (Meta's ``mask_channel_prob``)."""
-    m = compute_mask_indices((B, C), None, prob, length)
+    seed = _fairseq_seed(generator)
+    m = compute_mask_indices(
+        (B, C), None, prob, length, seed=seed, epoch=0 if seed is not None else None,
+        indices=torch.arange(B) if seed is not None else None,
+    )
     return torch.from_numpy(np.asarray(m)).to(device).unsqueeze(1).expand(-1, T, -1)

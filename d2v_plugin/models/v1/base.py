@@ -32,7 +32,7 @@ from fairseq.models import BaseFairseqModel
 from omegaconf import II
 
 from ...encoder import EncoderOutput
-from ..loss import feature_std, regression_loss
+from ..loss import check_collapse, feature_std, regression_loss
 from ..masking import MaskSeed, mask_generator
 from ..targets import build_targets
 from ..teacher import TeacherMixin
@@ -181,39 +181,15 @@ class Data2VecV1Model(TeacherMixin, BaseFairseqModel):
             result["ema_decay"] = self.ema.decay
             if cfg.log_norms:
                 result.update(self.ema.logs)
-            self.check_collapse(result)
+            check_collapse(result, cfg, self.num_updates)
         return result
-
-    def check_collapse(self, result):
-        from ..data2vec2 import RepresentationCollapse
-
-        cfg = self.cfg
-        if self.num_updates < cfg.collapse_check_start:
-            return
-        for key, limit, setting in (
-            ("target_var", cfg.min_target_var, "model.min_target_var"),
-            ("pred_var", cfg.min_pred_var, "model.min_pred_var"),
-        ):
-            value = float(result[key])
-            if value < limit:
-                raise RepresentationCollapse(
-                    f"{key} is {value:.4g} < {setting}={limit} at update {self.num_updates}: the representations "
-                    "have collapsed. Lower the learning rate, raise ema_decay or change the masking, then restart "
-                    "from an earlier checkpoint."
-                )
 
     # ---- inference -----------------------------------------------------------------
     def encode(self, source, padding_mask=None, output_hidden_states: bool = False, keep_extra_tokens: bool = False) -> EncoderOutput:
         """The student's output on the unmasked input (see :class:`d2v_plugin.EncoderOutput`)."""
         x, pm = self.encoder_input(source, padding_mask)
         x, hidden = self.encoder(x, pm, collect="outputs" if output_hidden_states else None)
-        n = self.num_extra_tokens
-        cls = x[:, 0] if n else None
-        if n and not keep_extra_tokens:
-            x = x[:, n:]
-            pm = pm[:, n:] if pm is not None else None
-            hidden = [h[:, n:] for h in hidden]
-        return EncoderOutput(last_hidden_state=x, padding_mask=pm, hidden_states=tuple(hidden) if output_hidden_states else None, cls=cls)
+        return EncoderOutput.from_sequence(x, pm, hidden, self.num_extra_tokens, keep_extra_tokens, output_hidden_states)
 
     def extract_features(self, source, padding_mask=None, mask=False, remove_extra_tokens=True, **unused):
         """Meta's dict format: ``{"x": (B, T, C), "padding_mask", "layer_results"}`` (per-block
