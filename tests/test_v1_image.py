@@ -256,6 +256,12 @@ def test_beit_block_mask_matches_beits_generator():
     shapes = {b[:2] for b in ours_boxes + ref_boxes}
     tv = sum(abs(sum(b[:2] == s for b in ours_boxes) - sum(b[:2] == s for b in ref_boxes)) for s in shapes) / (2 * n)
     assert tv < 0.06, tv
+    # 3x3 grid, blocks of area 4: with h < 3 and w < 3 only a 2x2 square fits, so every mask is one
+    # (or empty, when 10 tries of the aspect ratio all miss it)
+    squares = beit_block_mask(500, 3, 3, 4, 4, 4, generator=torch.Generator().manual_seed(4)).view(-1, 3, 3)
+    squares = squares[squares.any(2).any(1)]
+    assert len(squares) > 450 and (squares.sum((1, 2)) == 4).all()
+    assert (squares.any(1).sum(1) == 2).all() and (squares.any(2).sum(1) == 2).all()
     g1, g2 = (torch.Generator().manual_seed(5) for _ in range(2))
     assert torch.equal(beit_block_mask(4, 14, 14, 75, 16, 196, generator=g1), beit_block_mask(4, 14, 14, 75, 16, 196, generator=g2))
 
