@@ -187,6 +187,24 @@ def test_empty_class_folder_and_missing_split(tmp_path):
         ImagePretrainingTask.setup_task(ImagePretrainingConfig(data=str(tmp_path / "nope"), seed=1))
 
 
+def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
+    """A restarted process (a resumed run) must see the same augmented images: the random crop
+    and flip of a sample come from (seed, epoch, index), not from the process's RNG state."""
+    from d2v_plugin.data.image_dataset import ImageFolderDataset
+
+    data = write_images(tmp_path, classes=1, per_class=3)
+    ds = ImageFolderDataset(str(data / "train"), 32, train=True, seed=1)
+    first = ds[1]["source"]
+    torch.manual_seed(123)
+    torch.rand(1000)  # whatever the process drew before
+    torch.testing.assert_close(ds[1]["source"], first, rtol=0, atol=0)
+    assert not torch.equal(ds[2]["source"], first)
+    ds.set_epoch(2)
+    assert not torch.equal(ds[1]["source"], first)  # a new epoch, new crops
+    other_seed = ImageFolderDataset(str(data / "train"), 32, train=True, seed=2)
+    assert not torch.equal(other_seed[1]["source"], first)
+
+
 # ---- datasets/imagenet/prepare.sh ---------------------------------------------------
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 TRAIN_PER_CLASS = [3, 2, 4]

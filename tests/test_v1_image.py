@@ -311,35 +311,11 @@ def test_tiny_checkpoint_reloads(tiny_run):
     assert out.last_hidden_state.shape == (3, 16, 64) and torch.isfinite(out.last_hidden_state).all()
 
 
-# ImageFolderDataset augments with torch's global RNG, which a restarted process re-seeds, so
-# the images after a resume differ from an uninterrupted run's (a task-side issue). This
-# launcher runs the real fairseq-hydra-train entry point with each sample's augmentation
-# seeded from (epoch, index), so that the test checks what the model owns: masks, teacher and
-# student resume exactly.
-LAUNCHER = """
-import sys, torch
-from d2v_plugin.data import image_dataset
-get = image_dataset.ImageFolderDataset.__getitem__
-def seeded(self, index):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(self.epoch * 100003 + index)
-        return get(self, index)
-image_dataset.ImageFolderDataset.__getitem__ = seeded
-from fairseq_cli.hydra_train import cli_main
-sys.exit(cli_main())
-"""
-
-
 def test_killed_run_resumes_exactly(images, tmp_path):
     """SIGKILL a run after a checkpoint; the restart ends where an uninterrupted run ends:
     same student, same EMA teacher (the masks come from (seed, update, ids))."""
-    import sys
-
-    launcher = tmp_path / "hydra_train.py"
-    launcher.write_text(LAUNCHER)
-
     def train(*args, popen=False):
-        cmd = [sys.executable, str(launcher), "--config-dir", str(CONFIG_DIR), "--config-name", TINY, *map(str, args)]
+        cmd = [str(BIN / "fairseq-hydra-train"), "--config-dir", str(CONFIG_DIR), "--config-name", TINY, *map(str, args)]
         if popen:
             return subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         proc = subprocess.run(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)

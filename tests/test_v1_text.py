@@ -173,7 +173,7 @@ def draw(model, tokens, update=0, ids=None):
     ids = torch.arange(tokens.size(0)) if ids is None else ids
     g = mask_generator(MaskSeed(model.cfg.seed, update, ids), tokens.device)
     mask = model.draw_mask(x, pm, g)
-    return mask, model.apply_mask(x, mask), pm
+    return mask, model.apply_mask(x, mask, g), pm
 
 
 def test_corruption_is_80_10_10():

@@ -141,7 +141,11 @@ class ImageFolderDataset(FairseqDataset):
             self.num_skipped += 1
             logger.warning(f"skipped unreadable image {path} ({self.num_skipped} skipped so far in this process): {e.__cause__}")
             return None
-        sample = {"id": index, "source": self.transform(img)}
+        # the random augmentation of a sample depends only on (seed, epoch, index), never on
+        # what the process drew before: a resumed run sees the images an uninterrupted one sees
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((int(self.seed), int(self.epoch), int(index))) % (2**63 - 1))
+            sample = {"id": index, "source": self.transform(img)}
         if self.with_labels:
             sample["target"] = int(self.labels[index])
         return sample

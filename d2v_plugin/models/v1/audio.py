@@ -314,13 +314,13 @@ class Data2VecAudioModel(Data2VecV1Model):
         )
         return torch.from_numpy(np.asarray(mask)).to(x.device)
 
-    def apply_mask(self, x, mask: torch.Tensor):
+    def apply_mask(self, x, mask: torch.Tensor, generator: Optional[torch.Generator] = None):
         """The student's input: dropout, masked frames replaced by ``mask_emb`` (and channel spans zeroed)."""
         cfg = self.cfg
         x = self.dropout_input(x)
         channels = None
         if cfg.mask_channel_prob > 0:
-            channels = channel_mask(x.size(0), x.size(1), x.size(2), cfg.mask_channel_prob, cfg.mask_channel_length, x.device)
+            channels = channel_mask(x.size(0), x.size(1), x.size(2), cfg.mask_channel_prob, cfg.mask_channel_length, x.device, generator)
         if channels is not None and cfg.mask_channel_before:
             x = x.masked_fill(channels, 0)
         x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)

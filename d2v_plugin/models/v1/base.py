@@ -16,7 +16,9 @@ A modality subclass defines:
 - ``encoder_input(source, padding_mask) -> (x, padding_mask)``: the unmasked input of
   ``encoder`` and the padding of its steps (None when nothing is padded);
 - ``draw_mask(x, padding_mask, generator) -> (B, T) bool`` (True = masked) and
-  ``apply_mask(x, mask) -> x`` (the student's input);
+  ``apply_mask(x, mask, generator) -> x`` (the student's input; ``generator`` is the same
+  mask generator, for any further random choice such as BERT's random tokens; None =
+  the global RNG);
 - ``predict(x) -> x``: the head on the student's output;
 - ``num_extra_tokens`` (the image CLS token) and ``mode`` ("TEXT", "AUDIO", "IMAGE").
 """
@@ -92,7 +94,7 @@ class Data2VecV1Model(TeacherMixin, BaseFairseqModel):
     def draw_mask(self, x, padding_mask, generator: Optional[torch.Generator]) -> torch.Tensor:
         raise NotImplementedError
 
-    def apply_mask(self, x, mask: torch.Tensor):
+    def apply_mask(self, x, mask: torch.Tensor, generator: Optional[torch.Generator] = None):
         raise NotImplementedError
 
     def predict(self, x):
@@ -118,17 +120,18 @@ class Data2VecV1Model(TeacherMixin, BaseFairseqModel):
             return self.extract_features(source, padding_mask)
         if self.ema is None:
             raise RuntimeError("this model has no EMA teacher (skip_ema / fine-tuning); call extract_features")
+        seed = MaskSeed(self.cfg.seed, self.num_updates, id) if id is not None else None
+        generator = mask_generator(seed, x.device)
         if precomputed_mask is not None:
             expected = (x.size(0), x.size(1) - self.num_extra_tokens)
             if tuple(precomputed_mask.shape) != expected:
                 raise ValueError(f"precomputed_mask has shape {tuple(precomputed_mask.shape)}; this batch needs {expected}")
             masked = precomputed_mask.to(device=x.device, dtype=torch.bool)
         elif mask:
-            seed = MaskSeed(self.cfg.seed, self.num_updates, id) if id is not None else None
-            masked = self.draw_mask(x, pm, mask_generator(seed, x.device))
+            masked = self.draw_mask(x, pm, generator)
         else:
             raise ValueError("data2vec needs masked steps to predict: mask=False is only for features_only")
-        student, _ = self.encoder(self.apply_mask(x, masked), pm)
+        student, _ = self.encoder(self.apply_mask(x, masked, generator), pm)
         n = self.num_extra_tokens
         student = student[:, n:]
         predicted = masked if pm is None else masked & ~pm[:, n:]

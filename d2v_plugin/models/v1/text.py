@@ -282,7 +282,6 @@ class Data2VecTextModel(Data2VecV1Model):
         self.encoder = TextEncoderV1(cfg, self.vocab_size, self.pad_idx)
         self.regression_head = regression_head(cfg.embed_dim, cfg.head_layers)
         self.apply(init_bert_params)  # BERT's init, as Meta's (normal(0, 0.02), padding row 0)
-        self._corruption_rng = None
         self._init_teacher(skip_ema)
 
     @classmethod
@@ -307,7 +306,6 @@ class Data2VecTextModel(Data2VecV1Model):
     # ---- hooks of Data2VecV1Model --------------------------------------------------
     def encoder_input(self, source, padding_mask):
         """The tokens and their padding (from the tokens, as Meta's; None when nothing is padded)."""
-        self._corruption_rng = None  # a generator left from an earlier draw_mask must not be reused
         pm = source.eq(self.pad_idx)
         return source, (pm if pm.any() else None)
 
@@ -327,14 +325,12 @@ class Data2VecTextModel(Data2VecV1Model):
         for i in range(1, span):
             mask[:, i:] |= starts[:, :-i]
         mask &= real  # spans end at the end of the sequence
-        self._corruption_rng = generator
         return mask
 
-    def apply_mask(self, x, mask: torch.Tensor):
+    def apply_mask(self, x, mask: torch.Tensor, generator: Optional[torch.Generator] = None):
         """The student's tokens: selected ones -> ``<mask>``, or unchanged (``leave_unmasked_prob``),
-        or a random ordinary token (``random_token_prob``); drawn with draw_mask's generator."""
+        or a random ordinary token (``random_token_prob``); drawn with the mask generator."""
         cfg = self.cfg
-        generator, self._corruption_rng = self._corruption_rng, None
         out = x.clone()
         replace = mask
         leave, rand = cfg.leave_unmasked_prob, cfg.random_token_prob

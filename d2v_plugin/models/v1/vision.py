@@ -245,7 +245,7 @@ class Data2VecVisionModel(Data2VecV1Model):
             device=x.device, generator=generator,
         )
 
-    def apply_mask(self, x, mask: torch.Tensor):
+    def apply_mask(self, x, mask: torch.Tensor, generator: Optional[torch.Generator] = None):
         w = mask.unsqueeze(-1).to(x.dtype)
         patches = x[:, 1:] * (1 - w) + self.mask_emb.to(x.dtype) * w
         return torch.cat((x[:, :1], patches), dim=1)
