@@ -19,7 +19,7 @@ import torch
 
 import d2v_plugin
 from d2v_plugin.models.ema import annealed_decay
-from d2v_plugin.models.v1.audio import META_NAMES, QKV, Data2VecAudioConfig, from_meta_config, meta_name
+from d2v_plugin.models.v1.audio import QKV, Data2VecAudioConfig, from_meta_config, meta_name
 from helpers import BIN, CONFIG_DIR, compat_dir, env, hydra_train, train_log
 from test_audio import write_corpus
 
@@ -121,9 +121,9 @@ def our_grad_norms(model, meta_names):
         if ours not in grads:
             continue
         g = grads[ours]
-        m = re.match(META_NAMES[0][0], meta)
+        m = re.search(r"\.self_attn\.([qkv])_proj\.", meta)
         if m:  # q, k, v
-            g = g.chunk(3, 0)[QKV.index(m.group(2))]
+            g = g.chunk(3, 0)[QKV.index(m.group(1))]
         out[meta] = g.double().norm().item()
     return out
 
@@ -148,7 +148,7 @@ def test_step_ema_update(step, step_run):
     ema = step["ema_step"]
     first, second = ema["num_updates_from_to"]
     teacher = model.ema.model
-    to_ours = lambda d: {k[len("encoder."):]: v for k, v in d2v_plugin.models.v1.audio._convert({"encoder." + k: v for k, v in d.items()}).items()}  # noqa: E731
+    to_ours = lambda d: {k[len("encoder."):]: v for k, v in d2v_plugin.models.v1.audio.META_NAMES.convert({"encoder." + k: v for k, v in d.items()}).items()}  # noqa: E731
     before = teacher.state_dict()
     for k, v in to_ours(ema["teacher_before"]).items():
         assert torch.equal(before[k], v), f"teacher {k} is the checkpoint's _ema"

@@ -18,7 +18,6 @@ Parameter names are Meta's except inside the transformer blocks, which are the s
 """
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -36,6 +35,7 @@ from ..data2vec2 import plain_config
 from ..masking import channel_mask, span_mask
 from ..modalities.audio import EXTRACTOR_MODES, ConvFeatureExtractionModel, conv_output_lengths, conv_positional_encoder, parse_conv_spec
 from .base import Data2VecV1CommonConfig, Data2VecV1Model
+from .meta_names import NameTable
 
 logger = logging.getLogger(__name__)
 
@@ -128,42 +128,23 @@ def from_meta_config(values: Dict[str, Any]) -> Dict[str, Any]:
     return values
 
 
-# Meta's parameter names -> ours, one regular expression each (applied to the student's
-# names; the teacher's ``_ema`` names are the same without the ``encoder.`` prefix). Names
-# not listed are the same in both: feature_extractor.*, layer_norm, post_extract_proj,
-# mask_emb, encoder.pos_conv.{i}.0, encoder.layer_norm, final_proj.
-# Meta's separate q/k/v projections are concatenated into our qkv, in q, k, v order.
+# Meta's parameter names -> ours (applied to the student's names; the teacher's ``_ema``
+# names are the same without the ``encoder.`` prefix). Names not listed are the same in
+# both: feature_extractor.*, layer_norm, post_extract_proj, mask_emb, encoder.pos_conv.{i}.0,
+# encoder.layer_norm, final_proj. Meta's q, k, v projections become our qkv (in row order).
 QKV = ("q", "k", "v")
-META_NAMES = [
-    (r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", r"encoder.layers.\1.attn.qkv.\3"),
+META_NAMES = NameTable([
+    *[(rf"^encoder\.layers\.(\d+)\.self_attn\.{p}_proj\.(weight|bias)$", r"encoder.layers.\1.attn.qkv.\2") for p in QKV],
     (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"encoder.layers.\1.attn.proj."),
     (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.norm1."),
     (r"^encoder\.layers\.(\d+)\.fc([12])\.", r"encoder.layers.\1.mlp.fc\2."),
     (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.norm2."),
-]
+], "data2vec_audio")
 
 
 def meta_name(name: str) -> str:
     """Our name for one of Meta's student parameter names (q/k/v all give ``attn.qkv``)."""
-    for pattern, ours in META_NAMES:
-        if re.match(pattern, name):
-            return re.sub(pattern, ours, name)
-    return name
-
-
-def _convert(state: Dict[str, Any]) -> Dict[str, Any]:
-    out, qkv = {}, {}
-    for name, value in state.items():
-        m = re.match(META_NAMES[0][0], name)
-        if m:
-            qkv.setdefault(meta_name(name), {})[m.group(2)] = value
-        else:
-            out[meta_name(name)] = value
-    for name, parts in qkv.items():
-        if set(parts) != set(QKV):
-            raise ValueError(f"data2vec_audio checkpoint: {name} needs q, k and v projections, found {sorted(parts)}")
-        out[name] = torch.cat([parts[p] for p in QKV], 0)
-    return out
+    return META_NAMES.lookup(name)[0]
 
 
 def from_meta_state(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -172,9 +153,9 @@ def from_meta_state(state: Dict[str, Any]) -> Dict[str, Any]:
         return state
     state = dict(state)
     ema = state.pop("_ema", None)
-    out = _convert(state)
+    out = META_NAMES.convert(state)
     if ema is not None:
-        teacher = _convert({"encoder." + k: v for k, v in ema.items()})
+        teacher = META_NAMES.convert({"encoder." + k: v for k, v in ema.items()})
         out["_ema"] = {k[len("encoder."):]: v for k, v in teacher.items()}
     return out
 

@@ -35,7 +35,6 @@ Meta's checkpoints load through :data:`META_NAMES` (parameter names) and
 """
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -50,6 +49,7 @@ from ..blocks import Block, Mlp, run_stack
 from ..data2vec2 import plain_config
 from ..modalities.text import TextConfig, TextLocalEncoder
 from .base import Data2VecV1CommonConfig, Data2VecV1Model
+from .meta_names import NameTable
 
 logger = logging.getLogger(__name__)
 
@@ -85,16 +85,12 @@ class Data2VecTextConfig(Data2VecV1CommonConfig):
     random_token_prob: float = field(default=0.1, metadata={"help": "a selected token becomes a random ordinary token with this probability (still predicted)"})
 
 
-def _compile(table):
-    return [(re.compile(meta), ours) for meta, ours in table]
-
-
 # Meta's parameter names (``Data2VecTextModel`` of fairseq examples/data2vec, whose encoder is
 # fairseq's TransformerEncoder) -> ours. Several Meta tensors that map to one name are
 # concatenated along dim 0 in the order of this table (q, k, v -> attn.qkv). ``None``: dropped.
 # The teacher (Meta's ``encoder._ema``, names relative to ``sentence_encoder``) is mapped with
 # the same table (see :func:`meta_teacher_name`).
-META_NAMES = _compile([
+META_NAMES = NameTable([
     (r"^encoder\.sentence_encoder\.version$", None),
     (r"^encoder\.sentence_encoder\.embed_tokens\.(.+)$", r"encoder.local_encoder.embed_tokens.\1"),
     (r"^encoder\.sentence_encoder\.embed_positions\.(.+)$", r"encoder.local_encoder.embed_positions.\1"),
@@ -108,17 +104,14 @@ META_NAMES = _compile([
     (r"^encoder\.sentence_encoder\.layers\.(\d+)\.fc2\.(.+)$", r"encoder.blocks.\1.mlp.fc2.\2"),
     (r"^encoder\.sentence_encoder\.layers\.(\d+)\.final_layer_norm\.(.+)$", r"encoder.blocks.\1.norm2.\2"),
     (r"^encoder\.regression_head\.(.+)$", r"regression_head.\1"),
-])
+], "data2vec_text", strict=True)
 META_PREFIX = "encoder.sentence_encoder."  # what Meta's teacher names are relative to
 OUR_TEACHER_PREFIX = "encoder."  # what ours are relative to
 
 
 def meta_name(name: str):
     """(our name, rank in the table) for one of Meta's parameter names; (None, rank) = dropped."""
-    for rank, (pattern, ours) in enumerate(META_NAMES):
-        if pattern.match(name):
-            return (pattern.sub(ours, name) if ours is not None else None), rank
-    raise KeyError(f"data2vec_text checkpoint: no rule for Meta's parameter {name!r}")
+    return META_NAMES.lookup(name)
 
 
 def meta_teacher_name(name: str) -> Optional[str]:
@@ -131,22 +124,9 @@ def meta_teacher_name(name: str) -> Optional[str]:
     return ours[len(OUR_TEACHER_PREFIX):]
 
 
-def _rename(state: Dict[str, torch.Tensor], rename) -> Dict[str, torch.Tensor]:
-    groups: Dict[str, list] = {}
-    for name, value in state.items():
-        ours, rank = rename(name)
-        if ours is not None:
-            groups.setdefault(ours, []).append((rank, value))
-    out = {}
-    for ours, parts in groups.items():
-        parts.sort(key=lambda p: p[0])
-        out[ours] = parts[0][1] if len(parts) == 1 else torch.cat([v for _, v in parts], dim=0)
-    return out
-
-
 def from_meta_teacher(teacher: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Meta's ``encoder._ema`` (names relative to ``sentence_encoder``) -> our ``_ema``."""
-    return _rename(teacher, lambda k: (meta_teacher_name(k), meta_name(META_PREFIX + k)[1]))
+    return META_NAMES.convert(teacher, lambda k: (meta_teacher_name(k), meta_name(META_PREFIX + k)[1]))
 
 
 def from_meta_state(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -155,7 +135,7 @@ def from_meta_state(state: Dict[str, Any]) -> Dict[str, Any]:
         return state
     state = dict(state)
     teacher = state.pop("encoder._ema", None)
-    out = _rename(state, meta_name)
+    out = META_NAMES.convert(state)
     if teacher is not None:
         out["_ema"] = from_meta_teacher(teacher)
     return out

@@ -43,6 +43,7 @@ from ..block_masking import beit_block_mask
 from ..blocks import Block
 from ..modalities.image import PatchEmbed
 from .base import Data2VecV1CommonConfig, Data2VecV1Model
+from .meta_names import NameTable
 
 logger = logging.getLogger(__name__)
 
@@ -267,20 +268,15 @@ class Data2VecVisionModel(Data2VecV1Model):
 # data2vec_vision (cls_emb, mask_emb, encoder.rel_pos_bias.*, encoder.blocks.{i}.{norm1,
 # attn.qkv.weight, attn.q_bias, attn.v_bias, attn.proj, norm2, gamma_1, gamma_2},
 # encoder.norm, final_proj) is ours unchanged; the teacher (_ema) holds encoder keys.
-META_NAMES = [
-    ("patch_embed.conv.", "patch_embed.proj."),  # the patch convolution (ours: modalities.image.PatchEmbed)
-    ("mlp.0.", "mlp.fc1."),  # Meta's mlp is nn.Sequential(Linear, GELU, Linear, Dropout)
-    ("mlp.2.", "mlp.fc2."),
-]
+META_NAMES = NameTable([
+    (r"^patch_embed\.conv\.", "patch_embed.proj."),  # the patch convolution (ours: modalities.image.PatchEmbed)
+    (r"^(.*\.)?mlp\.0\.", r"\1mlp.fc1."),  # Meta's mlp is nn.Sequential(Linear, GELU, Linear, Dropout)
+    (r"^(.*\.)?mlp\.2\.", r"\1mlp.fc2."),
+], "data2vec_vision")
 
 
 def _rename(key: str) -> str:
-    for meta, ours in META_NAMES:
-        if key.startswith(meta):
-            return ours + key[len(meta):]
-        if "." + meta in key:
-            return key.replace("." + meta, "." + ours)
-    return key
+    return META_NAMES.lookup(key)[0]
 
 
 def from_meta_state(state: Dict[str, Any]) -> Dict[str, Any]:
