@@ -25,12 +25,16 @@ setup(
         "scikit-learn",
     ],
     extras_require={
-        "test": ["pytest"],
+        # d2v-export / d2v-import-hf: safetensors weights, Hugging Face transformers, ONNX
+        "export": ["safetensors", "transformers", "onnx", "onnxruntime"],
+        "test": ["pytest", "safetensors", "transformers", "onnx", "onnxruntime"],
     },
     entry_points={
         "console_scripts": [
             "d2v-prep-text=d2v_plugin.prep.text:main",
             "d2v-squad-eval=d2v_plugin.squad_eval:main",
+            "d2v-export=d2v_plugin.export.cli:main",
+            "d2v-import-hf=d2v_plugin.export.hf:import_main",
         ],
     },
 )
