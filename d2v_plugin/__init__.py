@@ -1,4 +1,4 @@
-"""d2v_plugin: data2vec 2.0 for fairseq, as a ``--user-dir`` plugin.
+"""d2v_plugin: data2vec 1.0 and 2.0 for fairseq, as a ``--user-dir`` plugin.
 
 Importing the package registers its models, tasks and criteria with fairseq and lets
 ``torch.load(weights_only=True)`` read fairseq checkpoints (see :mod:`d2v_plugin.safe_load`).
