@@ -155,7 +155,13 @@ def _load_strict(model, state, path: str) -> None:
 
 def load_student(path: str, dictionary=None):
     """The student of a data2vec checkpoint (1.0 or 2.0, ours or Meta's), in eval mode,
-    without EMA teacher, decoder or regression head (what fine-tuning starts from)."""
+    without EMA teacher, decoder or regression head (what fine-tuning starts from).
+    ``path`` may also be a directory written by ``d2v-export --format inference`` (or its
+    ``config.json``): then the weights come from its safetensors file."""
+    from .export.inference import is_inference_dir, load_inference
+
+    if is_inference_dir(path):
+        return load_inference(path, dictionary)
     model, state = _build(path, read_checkpoint(path), dictionary, "features")
     _load_strict(model, state, path)
     model.remove_pretraining_modules()
@@ -172,6 +178,7 @@ def load_encoder(path: str, dictionary=None):
     (``last_hidden_state`` (B, T, C), ``padding_mask``, ``hidden_states``; the image CLS token
     removed, in ``cls``). ``dictionary`` (a fairseq Dictionary) only checks a text
     checkpoint's vocabulary size. Nothing in the file is executed (``weights_only`` loading).
+    ``path`` may be an exported inference directory (``d2v-export --format inference``).
     """
     from .encoder import Encoder
 

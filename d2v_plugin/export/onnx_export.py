@@ -1,0 +1,192 @@
+"""ONNX export of a data2vec student encoder, checked in onnxruntime.
+
+``export_onnx(checkpoint, out_dir, dtype)`` writes ``out_dir/model.onnx`` (and
+``config.json``, the inference config, for reference) with the TorchScript exporter
+(``torch.onnx.export(..., dynamo=False)``), then runs the ONNX model in onnxruntime on a
+second input of another batch size and length and compares it with PyTorch.
+
+Inputs and outputs of the graph:
+
+- text: ``source`` int64 (B, T) token ids, ``padding_mask`` bool (B, T) (True = pad) ->
+  ``last_hidden_state`` (B, T, C); data2vec_text (1.0) takes ``source`` only: like its
+  PyTorch model it finds the padding from the pad token (id 1), so the exporter drops the
+  unused ``padding_mask`` input (``config.json``'s ``onnx.inputs`` lists the graph's inputs);
+- speech: ``source`` float (B, S) 16 kHz waveforms, ``padding_mask`` bool (B, S) ->
+  ``last_hidden_state`` (B, T, C), ``padding_mask_out`` bool (B, T) at frame rate;
+- images: ``source`` float (B, 3, H, W), H and W fixed to the model's input size ->
+  ``last_hidden_state`` (B, N, C) (CLS token removed).
+
+B, T and S are dynamic axes. Outputs at padded positions carry no meaning.
+"""
+
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import torch
+from torch import nn
+
+from .inference import CONFIG, FORMAT, VERSION, model_config_dict, torch_dtype
+
+OPSET = 17
+ONNX_FILE = "model.onnx"
+TOLERANCE = 1e-4
+
+
+class OnnxEncoder(nn.Module):
+    """``Encoder`` as a module of plain tensors: ``(source[, padding_mask]) -> (last_hidden_state[, padding_mask])``."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.modality = encoder.modality
+
+    def forward(self, source, padding_mask=None):
+        out = self.encoder(source, padding_mask)
+        if self.modality == "AUDIO":
+            return out.last_hidden_state, out.padding_mask
+        return out.last_hidden_state
+
+
+def _image_shape(model) -> Tuple[int, int]:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.structured(model.cfg)
+    modalities = cfg.get("modalities")
+    if modalities is not None:
+        return int(modalities.image.in_chans), int(modalities.image.input_size)
+    if cfg.get("image_size") is not None:
+        return int(cfg.get("in_channels", 3)), int(cfg.image_size)
+    raise ValueError(f"{type(model).__name__}: cannot find the image input size in its config")
+
+
+def _example(model, modality: str, batch: int, length: int, seed: int) -> Tuple[torch.Tensor, ...]:
+    """A (source, padding_mask) example: the last sequence shorter than the others."""
+    g = torch.Generator().manual_seed(seed)
+    if modality == "IMAGE":
+        chans, size = _image_shape(model)
+        return (torch.randn(batch, chans, size, size, generator=g),)
+    if modality == "TEXT":
+        vocab = model.modality_encoders["TEXT"].local_encoder.embed_tokens.num_embeddings if hasattr(model, "modality_encoders") else None
+        if vocab is None:
+            vocab = model.encoder.local_encoder.embed_tokens.num_embeddings
+        source = torch.randint(4, vocab, (batch, length), generator=g)
+        source[:, 0] = 0  # <s>
+        pad = torch.zeros(batch, length, dtype=torch.bool)
+        pad[-1, length - length // 4:] = True
+        source[pad] = 1
+        return source, pad
+    source = torch.randn(batch, length, generator=g) * 0.1
+    pad = torch.zeros(batch, length, dtype=torch.bool)
+    pad[-1, length - length // 4:] = True
+    source[pad] = 0.0
+    return source, pad
+
+
+def _names(modality: str):
+    if modality == "IMAGE":
+        inputs, outputs = ["source"], ["last_hidden_state"]
+        axes = {"source": {0: "batch"}, "last_hidden_state": {0: "batch"}}
+    elif modality == "TEXT":
+        inputs, outputs = ["source", "padding_mask"], ["last_hidden_state"]
+        axes = {"source": {0: "batch", 1: "length"}, "padding_mask": {0: "batch", 1: "length"},
+                "last_hidden_state": {0: "batch", 1: "length"}}
+    else:
+        inputs, outputs = ["source", "padding_mask"], ["last_hidden_state", "padding_mask_out"]
+        axes = {"source": {0: "batch", 1: "samples"}, "padding_mask": {0: "batch", 1: "samples"},
+                "last_hidden_state": {0: "batch", 1: "frames"}, "padding_mask_out": {0: "batch", 1: "frames"}}
+    return inputs, outputs, axes
+
+
+def session_feeds(session, example) -> Dict[str, Any]:
+    """onnxruntime feeds for ``(source[, padding_mask])``: only the inputs the graph kept
+    (data2vec_text finds padding from the pad token, so its graph has no ``padding_mask``)."""
+    names = [i.name for i in session.get_inputs()]
+    values = dict(zip(["source", "padding_mask"], example))
+    return {n: values[n].numpy() for n in names}
+
+
+def compare(wrapper: nn.Module, session, example, modality: str) -> float:
+    """Max |onnxruntime - PyTorch| at non-padded output positions."""
+    with torch.no_grad():
+        ref = wrapper(*example)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    feeds = session_feeds(session, example)
+    got = session.run(None, feeds)
+    x_ref, x_got = ref[0].float(), torch.from_numpy(got[0]).float()
+    if x_ref.shape != x_got.shape:
+        raise ValueError(f"onnxruntime output shape {tuple(x_got.shape)} != PyTorch {tuple(x_ref.shape)}")
+    keep = torch.ones(x_ref.shape[:2], dtype=torch.bool)
+    if modality == "TEXT":
+        keep = ~example[1]
+    elif modality == "AUDIO":
+        pm_ref, pm_got = ref[1], torch.from_numpy(got[1])
+        if not torch.equal(pm_ref, pm_got):
+            raise ValueError("onnxruntime output padding mask differs from PyTorch's")
+        keep = ~pm_ref
+    return (x_ref - x_got).abs()[keep].max().item()
+
+
+def export_onnx(path: str, out_dir: str, dtype: str = "fp32", opset: int = OPSET, tolerance: float = TOLERANCE) -> Dict[str, Any]:
+    """Export the student encoder of checkpoint ``path`` (or an exported inference
+    directory) to ``out_dir/model.onnx``; check it in onnxruntime. Returns a summary."""
+    import onnxruntime as ort
+
+    from ..checkpoints import load_student
+    from ..encoder import Encoder
+    from ..models.architectures import architecture_of
+
+    target = torch_dtype(dtype)
+    model = load_student(path)
+    arch = architecture_of(model)
+    modality = model.mode
+    wrapper = OnnxEncoder(Encoder(model)).eval()
+    if target != torch.float32:
+        wrapper = wrapper.to(target)
+    os.makedirs(out_dir, exist_ok=True)
+    onnx_path = os.path.join(out_dir, ONNX_FILE)
+    inputs, outputs, axes = _names(modality)
+    lengths = {"TEXT": (11, 16), "AUDIO": (5600, 8000), "IMAGE": (0, 0)}[modality]
+    example = _example(model, modality, 2, lengths[0], seed=0)
+    check = _example(model, modality, 3, lengths[1], seed=1)
+    if target != torch.float32:
+        example = tuple(t.to(target) if t.is_floating_point() else t for t in example)
+        check = tuple(t.to(target) if t.is_floating_point() else t for t in check)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper, example, onnx_path, input_names=inputs, output_names=outputs,
+                dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True,
+            )
+    except Exception as e:
+        raise ValueError(f"{arch.name} ({modality}) from {path} cannot be exported to ONNX: {type(e).__name__}: {e}") from e
+    config = {"format": FORMAT, "version": VERSION, "architecture": arch.name, "modality": modality,
+              "dtype": dtype, "model": model_config_dict(model), "onnx": {"file": ONNX_FILE, "opset": opset,
+              "inputs": inputs, "outputs": outputs}}
+    with open(os.path.join(out_dir, CONFIG), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    max_diff = compare(wrapper, session, check, modality)
+    graph_inputs = [i.name for i in session.get_inputs()]
+    config["onnx"]["inputs"] = graph_inputs
+    with open(os.path.join(out_dir, CONFIG), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    tol = tolerance if target == torch.float32 else 1e-2
+    summary = {
+        "format": "onnx",
+        "checkpoint": path,
+        "out_dir": out_dir,
+        "architecture": arch.name,
+        "modality": modality,
+        "dtype": dtype,
+        "opset": opset,
+        "inputs": graph_inputs,
+        "checkpoint_bytes": os.path.getsize(path) if os.path.isfile(path) else None,
+        "exported_bytes": os.path.getsize(onnx_path),
+        "check_input_shape": list(check[0].shape),
+        "max_abs_diff": max_diff,
+        "tolerance": tol,
+    }
+    if not max_diff <= tol:
+        raise ValueError(f"{arch.name} ({modality}): onnxruntime differs from PyTorch by {max_diff:.3g} > {tol:g} on an input of shape {tuple(check[0].shape)}")
+    return summary
