@@ -87,7 +87,7 @@ def compare(arch_name: str, encoder: Encoder, hf_model, source, padding_mask) ->
     """Max |ours - HF| of last_hidden_state over the real steps (vision: CLS included)."""
     with torch.no_grad():
         if arch_name == "data2vec_text":
-            ours = encoder(source)
+            ours = encoder(source, padding_mask)
             real = source.ne(PAD)
             theirs = hf_model(input_ids=source, attention_mask=real.long()).last_hidden_state
         elif arch_name == "data2vec_audio":
@@ -132,6 +132,19 @@ def test_random_model_export_matches_transformers(arch_name, tmp_path):
         assert pre["size"] == {"height": 32, "width": 32}
     else:
         assert any("tokenizer" in n for n in summary["notes"])
+
+
+def test_scaled_text_embeddings(tmp_path):
+    """no_scale_embedding=false: HF never scales, so the export folds sqrt(dim) into the embeddings."""
+    TINY["data2vec_text"]["no_scale_embedding"] = False
+    try:
+        model = tiny_model("data2vec_text")
+    finally:
+        del TINY["data2vec_text"]["no_scale_embedding"]
+    assert model.encoder.local_encoder.embed_scale == 8.0
+    summary = hfx.export_hf(model, str(tmp_path / "hf"))
+    assert any("multiplied by 8" in n for n in summary["notes"])
+    assert compare("data2vec_text", Encoder(model), load_hf(tmp_path / "hf"), *tiny_input("data2vec_text")) < TOL
 
 
 @pytest.mark.parametrize("arch_name", ARCHS)
@@ -207,6 +220,29 @@ def test_import_of_transformers_model(arch_name, tmp_path):
         if key.startswith("pooler.") or "relative_position_index" in key:
             continue
         assert torch.equal(again[key], value), key
+
+
+def test_data2vec2_text_as_roberta(tmp_path):
+    """A 2.0 text model with prenet_depth 0, learned positions, no ALiBi and post-norm blocks is
+    a Data2VecTextModel; imported back it is a 1.0 text checkpoint computing the same."""
+    ckpt = compat_dir() / "v2_text.checkpoint.pt"
+    summary = hfx.export_hf(str(ckpt), str(tmp_path / "hf"))
+    assert summary["hf_class"] == "Data2VecTextModel" and "data2vec 2.0 text" in summary["notes"][0]
+    source = torch.load(compat_dir() / "v2_text.expected.pt", map_location="cpu", weights_only=False)["source"]
+    assert source.eq(PAD).any()
+    hf_model = load_hf(tmp_path / "hf")
+    # our 2.0 text encoder takes the padding mask from the caller (HF from attention_mask)
+    diff = compare("data2vec_text", load_encoder(str(ckpt)), hf_model, source, source.eq(PAD))
+    assert diff < TOL, diff
+    assert hfx.import_hf(str(tmp_path / "hf"), str(tmp_path / "v1.pt"))["arch"] == "data2vec_text"
+    assert compare("data2vec_text", load_encoder(str(tmp_path / "v1.pt")), hf_model, source, None) < TOL
+
+
+def test_data2vec2_text_with_alibi_refused(tmp_path):
+    model = load_student(str(compat_dir() / "v2_text.checkpoint.pt"))
+    model.modality_encoders["TEXT"].modality_cfg.use_alibi_encoder = True
+    with pytest.raises(ValueError, match="ALiBi.*transformers has no data2vec 2.0 architecture"):
+        hfx.export_hf(model, str(tmp_path / "hf"))
 
 
 def test_dtype_bf16(tmp_path):

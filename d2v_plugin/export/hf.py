@@ -31,7 +31,10 @@ What the two sides compute alike (checked by ``tests/test_export_hf.py``):
   (``lambda_1``/``lambda_2`` = ``gamma_1``/``gamma_2``), query / value biases, the final
   LayerNorm as ``layernorm`` (``use_mean_pooling=false``).
 
-data2vec 2.0 (``data2vec_multi``) has no transformers architecture and is refused.
+data2vec 2.0 (``data2vec_multi``) has no transformers architecture and is refused, except a
+2.0 text model that *is* a RoBERTa encoder (post-norm blocks, learned positions, embedding
+LayerNorm, no ALiBi, ``prenet_depth`` 0, no final norm: Meta's text recipe), which is written
+as ``Data2VecTextModel`` (importing it back gives a 1.0 ``data2vec_text`` checkpoint).
 """
 
 import argparse
@@ -401,16 +404,86 @@ def _student(path_or_model):
     return model, type(model).__name__
 
 
+V2_REFUSAL = (
+    "transformers has no data2vec 2.0 architecture (its Data2Vec* models are data2vec 1.0), so it cannot be exported "
+    "as a Hugging Face model; use `d2v-export --format inference` (safetensors + config for d2v_plugin) or `--format onnx` instead"
+)
+
+
+def _v2_text_blocker(model) -> Optional[str]:
+    """Why a data2vec 2.0 model is not a post-norm RoBERTa-style text encoder (None: it is)."""
+    cfg = model.cfg
+    if getattr(model, "mode", None) != "TEXT" or list(model.modality_encoders) != ["TEXT"]:
+        return f"its modality is {getattr(model, 'mode', None)} (only data2vec 2.0 text can be written as Data2VecTextModel)"
+    enc = model.modality_encoders["TEXT"]
+    t = enc.modality_cfg
+    checks = [
+        (cfg.layer_norm_first, "pre-norm blocks (layer_norm_first=true)"),
+        (model.norm is not None, "a final LayerNorm"),
+        (t.prenet_depth != 0 or len(enc.context_encoder.blocks) > 0, f"prenet_depth={t.prenet_depth} (modality-specific blocks)"),
+        (enc.context_encoder.norm is not None, "a LayerNorm before the shared blocks"),
+        (t.use_alibi_encoder, "ALiBi attention biases (use_alibi_encoder=true)"),
+        (not t.learned_pos or t.no_token_positional_embeddings, "no learned positions"),
+        (not t.layernorm_embedding, "no embedding LayerNorm (layernorm_embedding=false)"),
+        (t.num_extra_tokens != 0, f"num_extra_tokens={t.num_extra_tokens}"),
+        (abs(cfg.norm_eps - 1e-5) > 1e-12 or not cfg.norm_affine, f"norm_eps={cfg.norm_eps} / norm_affine={cfg.norm_affine}"),
+    ]
+    for failed, what in checks:
+        if failed:
+            return f"it has {what}, which transformers' Data2VecTextModel cannot express"
+    return None
+
+
+def _v2_text_as_v1(model, source: str):
+    """A data2vec 2.0 text model that is a post-norm RoBERTa encoder (prenet_depth 0, learned
+    positions, no ALiBi, no final norm) -> (our 1.0 text state, its HF config values)."""
+    why = _v2_text_blocker(model)
+    if why is not None:
+        raise ValueError(f"{source} is a data2vec 2.0 model (data2vec_multi) and {why}: {V2_REFUSAL}")
+    local = "modality_encoders.TEXT.local_encoder."
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(local):
+            state["encoder.local_encoder." + key[len(local):]] = value.detach().float().cpu()
+        elif key.startswith("blocks."):
+            state["encoder." + key] = value.detach().float().cpu()
+        elif key.startswith("modality_encoders.TEXT.decoder.") or key.startswith("_ema") or key.startswith("ema."):
+            continue  # pretraining only
+        else:
+            raise ValueError(f"{source}: data2vec 2.0 text parameter {key!r} has no Hugging Face counterpart")
+    cfg = model.cfg
+    enc = model.modality_encoders["TEXT"]
+    le = enc.local_encoder
+    values = dict(
+        model_type="data2vec-text",
+        architectures=["Data2VecTextModel"],
+        vocab_size=le.embed_tokens.weight.size(0),
+        hidden_size=cfg.embed_dim,
+        num_hidden_layers=len(model.blocks),
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=model.blocks[0].mlp.fc1.out_features,
+        hidden_act="gelu",
+        hidden_dropout_prob=cfg.encoder_dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=le.embed_positions.weight.size(0),
+        type_vocab_size=1,
+        layer_norm_eps=cfg.norm_eps,
+        pad_token_id=enc.pad_idx,
+        bos_token_id=0,
+        eos_token_id=2,
+        position_embedding_type="absolute",
+    )
+    return state, values, le.embed_scale
+
+
 def _arch_name(model, source: str) -> str:
     from ..models.architectures import architecture_of
 
     name = architecture_of(model).name
     if name == "data2vec_multi":
-        raise ValueError(
-            f"{source} is a data2vec 2.0 model (data2vec_multi): transformers has no data2vec 2.0 architecture "
-            "(its Data2Vec* models are data2vec 1.0), so it cannot be exported as a Hugging Face model; "
-            "use `d2v-export --format inference` (safetensors + config for d2v_plugin) or `--format onnx` instead"
-        )
+        if _v2_text_blocker(model) is None:
+            return "data2vec_text"
+        raise ValueError(f"{source} is a data2vec 2.0 model (data2vec_multi) and {_v2_text_blocker(model)}: {V2_REFUSAL}")
     if name not in NAME_TABLES:
         raise ValueError(f"{source}: {name} has no Hugging Face export (supported: {sorted(NAME_TABLES)})")
     return name
@@ -440,17 +513,25 @@ def export_hf(path_or_model, out_dir: str, dtype: str = "fp32") -> Dict[str, Any
     model, source = _student(path_or_model)
     arch = _arch_name(model, source)
     notes: List[str] = []
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    from ..models.architectures import architecture_of
+
+    if architecture_of(model).name == "data2vec_multi":  # a 2.0 text model that is a RoBERTa encoder
+        state, values, scale = _v2_text_as_v1(model, source)
+        notes.append("data2vec 2.0 text (prenet_depth 0, learned positions, no ALiBi, post-norm) written as Data2VecTextModel; "
+                     "d2v-import-hf brings it back as a data2vec 1.0 text checkpoint")
+    else:
+        state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     if arch == "data2vec_text":
-        values = _text_config(model)
-        scale = model.encoder.local_encoder.embed_scale
+        if architecture_of(model).name != "data2vec_multi":
+            values = _text_config(model)
+            scale = model.encoder.local_encoder.embed_scale
         key = "encoder.local_encoder.embed_tokens.weight"
         if scale != 1.0:
             state[key] = state[key] * scale
             notes.append(f"no_scale_embedding=false: the token embeddings are exported multiplied by {scale:g}")
         notes.append(
             "no tokenizer is written: the tokenizer (fairseq dictionary / BPE) must come from the training setup; "
-            f"token ids are fairseq dictionary indices (pad {model.pad_idx})"
+            f"token ids are fairseq dictionary indices (pad {values['pad_token_id']})"
         )
         notes.append("the pooler is not part of data2vec: transformers initialises it randomly")
     elif arch == "data2vec_audio":
