@@ -193,6 +193,16 @@ def test_onnx_matches_pytorch(exports, name, tmp_path):
         assert (torch.from_numpy(got[0]) - want).abs().max().item() <= 1e-4
 
 
+def test_onnx_fp16_and_bf16(tmp_path):
+    from d2v_plugin.export.onnx_export import export_onnx
+
+    s = export_onnx(str(checkpoint("v2_text")), str(tmp_path / "fp16"), "fp16")
+    print(f"v2_text fp16 ONNX: max |diff| {s['max_abs_diff']:.3g}")
+    assert s["dtype"] == "fp16" and 0 < s["max_abs_diff"] <= 1e-2
+    with pytest.raises(ValueError, match="bf16 is not supported"):
+        export_onnx(str(checkpoint("v2_text")), str(tmp_path / "bf16"), "bf16")
+
+
 # ---- command line -------------------------------------------------------------------------------
 
 
@@ -245,7 +255,7 @@ def test_cli_subprocess(tmp_path):
     files = bad_files(tmp_path, marker)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     good = d2v_export(checkpoint("v1_text"), "--out", tmp_path / "good", "--format", "inference", "--dtype", "fp16")
-    bad = {k: d2v_export(files[k][0], "--out", tmp_path / k, "--format", "inference") for k in ("truncated", "malicious")}
+    bad = {k: d2v_export(files[k][0], "--out", tmp_path / k, "--format", "inference") for k in ("malicious",)}
     # the wrapper script with a stand-in for d2v-export (test_cli_usage_errors checks its --help)
     stub = tmp_path / "fake-d2v-export"
     stub.write_text("#!/bin/sh\nprintf '%s|' \"$@\"\n")
@@ -317,3 +327,19 @@ def test_cli_hf_import_failure_is_clear(monkeypatch, capsys, tmp_path):
     rc = cli.main([str(checkpoint("v2_text")), "--out", str(tmp_path), "--format", "hf"])
     err = capsys.readouterr().err
     assert rc == 2 and "--format hf is not available" in err and "simulated" in err
+
+
+def test_cli_hf_dispatches_to_export_hf(monkeypatch, capsys, tmp_path):
+    import d2v_plugin.export.hf as hf
+    from d2v_plugin.export import cli
+
+    calls = []
+
+    def fake(path, out_dir, dtype):
+        calls.append((path, out_dir, dtype))
+        return {"format": "hf", "checkpoint": path, "out_dir": out_dir, "checkpoint_bytes": 10, "exported_bytes": 5}
+
+    monkeypatch.setattr(hf, "export_hf", fake)
+    assert cli.main(["ck.pt", "--out", str(tmp_path), "--format", "hf", "--dtype", "bf16", "--json"]) == 0
+    assert calls == [("ck.pt", str(tmp_path), "bf16")]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == "hf"

@@ -16,7 +16,9 @@ Inputs and outputs of the graph:
 - images: ``source`` float (B, 3, H, W), H and W fixed to the model's input size ->
   ``last_hidden_state`` (B, N, C) (CLS token removed).
 
-B, T and S are dynamic axes. Outputs at padded positions carry no meaning.
+B, T and S are dynamic axes. Outputs at padded positions carry no meaning. ``dtype`` fp16
+casts the weights and float inputs (checked within 1e-2); bf16 is refused (onnxruntime's
+CPU kernels have none).
 """
 
 import json
@@ -137,6 +139,9 @@ def export_onnx(path: str, out_dir: str, dtype: str = "fp32", opset: int = OPSET
     from ..models.architectures import architecture_of
 
     target = torch_dtype(dtype)
+    if target == torch.bfloat16:
+        raise ValueError(f"{path}: --format onnx --dtype bf16 is not supported: onnxruntime's CPU kernels (Conv, Mul, ...) "
+                         "have no bfloat16 implementation; use fp32 or fp16")
     model = load_student(path)
     arch = architecture_of(model)
     modality = model.mode
