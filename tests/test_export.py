@@ -141,7 +141,15 @@ def test_inference_dir_errors(exports, tmp_path):
 
     import d2v_plugin
 
+    from d2v_plugin.export.inference import export_inference
+
     src = exports["v2_text"]["fp32"]["out_dir"]
+    again = export_inference(src, str(tmp_path / "again"))  # an exported directory exports again, unchanged
+    assert again["checkpoint_bytes"] == exports["v2_text"]["fp32"]["exported_bytes"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "again" / "model.safetensors")), load_file(os.path.join(src, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     bad = tmp_path / "bad"
     shutil.copytree(src, bad)
     (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:1000])

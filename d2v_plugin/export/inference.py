@@ -102,7 +102,7 @@ def export_inference(path: str, out_dir: str, dtype: str = "fp32") -> Dict[str, 
         dictionary = _dictionary_beside(path)
         if dictionary is not None:
             files.append(shutil.copyfile(dictionary, os.path.join(out_dir, DICT)))
-    ckpt_bytes = os.path.getsize(path)
+    ckpt_bytes = _dir_bytes(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else os.path.getsize(path)
     out_bytes = _dir_bytes(files)
     return {
         "format": "inference",

@@ -16,6 +16,12 @@ Inputs and outputs of the graph:
 - images: ``source`` float (B, 3, H, W), H and W fixed to the model's input size ->
   ``last_hidden_state`` (B, N, C) (CLS token removed).
 
+The graph is traced on an example whose last sequence is padded, so it always takes the
+models' padded code path (the one that also gives the right result without padding; the
+"no padding" shortcuts of the PyTorch code are data-dependent and do not survive tracing).
+Every registered architecture exports: data2vec_multi (text, speech with ALiBi, images),
+data2vec_text, data2vec_audio, data2vec_vision.
+
 B, T and S are dynamic axes. Outputs at padded positions carry no meaning. ``dtype`` fp16
 casts the weights and float inputs (checked within 1e-2); bf16 is refused (onnxruntime's
 CPU kernels have none).
