@@ -35,6 +35,7 @@ setup(
             "d2v-squad-eval=d2v_plugin.squad_eval:main",
             "d2v-export=d2v_plugin.export.cli:main",
             "d2v-import-hf=d2v_plugin.export.hf:import_main",
+            "d2v-extract=d2v_plugin.export.extract:main",
         ],
     },
 )

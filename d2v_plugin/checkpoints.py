@@ -153,16 +153,48 @@ def _load_strict(model, state, path: str) -> None:
         )
 
 
+# fine-tuning models whose encoder (under ``encoder.``) records its architecture in
+# ``model.pretrained_model_args``
+FINETUNED_MODELS = ("d2v_text_classification", "d2v_span_qa")
+
+
+def _finetuned_student(path: str, ckpt: Dict[str, Any], dictionary=None):
+    """The encoder of a fine-tuned checkpoint (its head dropped), built from the recorded architecture."""
+    from .models.architectures import architecture
+    from .models.finetuning.pretrained import encoder_from_args
+
+    values = _model_cfg_dict(ckpt, path)
+    args = values.get("pretrained_model_args")
+    if not args:
+        raise ValueError(f"{path}: a {values['_name']} checkpoint without model.pretrained_model_args (the encoder's architecture)")
+    arch = architecture(args.get("_name") or "data2vec_multi", path)
+    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    task = None
+    if arch.vocab_key is not None and arch.vocab_key in state:
+        vocab = state[arch.vocab_key].size(0)
+        if dictionary is not None and len(dictionary) != vocab:
+            raise ValueError(f"dictionary has {len(dictionary)} symbols but {path} was trained with {vocab}")
+        task = _TaskInfo(dictionary if dictionary is not None else VocabularyInfo(vocab))
+    model = encoder_from_args(args, task)
+    _load_strict(model, state, path)
+    model.eval()
+    return model
+
+
 def load_student(path: str, dictionary=None):
     """The student of a data2vec checkpoint (1.0 or 2.0, ours or Meta's), in eval mode,
     without EMA teacher, decoder or regression head (what fine-tuning starts from).
     ``path`` may also be a directory written by ``d2v-export --format inference`` (or its
-    ``config.json``): then the weights come from its safetensors file."""
+    ``config.json``): then the weights come from its safetensors file; or a fine-tuned
+    checkpoint (GLUE / text classification, SQuAD): then its encoder, without the head."""
     from .export.inference import is_inference_dir, load_inference
 
     if is_inference_dir(path):
         return load_inference(path, dictionary)
-    model, state = _build(path, read_checkpoint(path), dictionary, "features")
+    ckpt = read_checkpoint(path)
+    if _model_cfg_dict(ckpt, path).get("_name") in FINETUNED_MODELS:
+        return _finetuned_student(path, ckpt, dictionary)
+    model, state = _build(path, ckpt, dictionary, "features")
     _load_strict(model, state, path)
     model.remove_pretraining_modules()
     model.eval()

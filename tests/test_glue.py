@@ -134,6 +134,12 @@ def test_classification_finetune_learns_and_reloads(pretrained, tmp_path):
 
     best = tmp_path / "runs" / "tiny" / "lr_1e-3" / "checkpoint_best.pt"
     model, untrained, task = _finetuned_and_untrained(best, ckpt, data)
+    import d2v_plugin  # load_encoder reads the fine-tuned file: its encoder, without the head
+
+    tokens = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 9, 10, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(d2v_plugin.load_encoder(str(best))(tokens).last_hidden_state,
+                                   model.encoder.encode(tokens).last_hidden_state)
     preds, labels = _evaluate(model, task)
     acc = 100 * skm.accuracy_score(labels, preds)
     # the logged metric is that of the whole dev set, which the re-loaded model reproduces
@@ -471,6 +477,13 @@ def test_data2vec_1_0_checkpoint_finetunes_and_reloads(pretrained, tmp_path):
     start.unlink()
     model, untrained, task = _finetuned_and_untrained(tmp_path / "runs" / "tiny" / "checkpoint_best.pt", ckpt, data)
     assert isinstance(model.encoder, Data2VecTextModel) and isinstance(untrained.encoder, Data2VecTextModel)
+    # load_encoder reads the fine-tuned file too: its encoder, without the head
+    import d2v_plugin
+
+    enc = d2v_plugin.load_encoder(str(tmp_path / "runs" / "tiny" / "checkpoint_best.pt"))
+    tokens = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 9, 2, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(enc(tokens).last_hidden_state, model.encoder.encode(tokens).last_hidden_state)
     preds, labels = _evaluate(model, task)
     acc = 100 * skm.accuracy_score(labels, preds)
     assert acc == pytest.approx(logged["value"], abs=0.01)
