@@ -112,6 +112,17 @@ def set_dotted(values: Dict[str, Any], dc_type, key: str, value: Any) -> None:
         node = node.setdefault(part, {})
 
 
+def _vocabulary_task(arch, state, dictionary, path: str):
+    """What a text model needs to be built (its vocabulary, from the embedding in ``state``,
+    checked against ``dictionary`` when given); None for other modalities."""
+    if arch.vocab_key is None or arch.vocab_key not in state:
+        return None
+    vocab = state[arch.vocab_key].size(0)
+    if dictionary is not None and len(dictionary) != vocab:
+        raise ValueError(f"dictionary has {len(dictionary)} symbols but {path} was trained with {vocab}")
+    return _TaskInfo(dictionary if dictionary is not None else VocabularyInfo(vocab))
+
+
 def _build(path: str, ckpt: Dict[str, Any], dictionary, purpose: str, overrides: Optional[Dict[str, Any]] = None):
     """(model, student state) for a data2vec checkpoint of any supported architecture
     (:mod:`d2v_plugin.models.architectures`), ours or Meta's."""
@@ -134,12 +145,7 @@ def _build(path: str, ckpt: Dict[str, Any], dictionary, purpose: str, overrides:
         state.pop("_ema", None)
     elif "_ema" not in state:
         logger.warning(f"{path} holds no EMA teacher (_ema): the teacher starts from the student")
-    task = None
-    if arch.vocab_key is not None and arch.vocab_key in state:
-        vocab = state[arch.vocab_key].size(0)
-        if dictionary is not None and len(dictionary) != vocab:
-            raise ValueError(f"dictionary has {len(dictionary)} symbols but {path} was trained with {vocab}")
-        task = _TaskInfo(dictionary if dictionary is not None else VocabularyInfo(vocab))
+    task = _vocabulary_task(arch, state, dictionary, path)
     model = arch.model(cfg, task=task, skip_ema=skip_ema)
     return model, state
 
@@ -169,12 +175,7 @@ def _finetuned_student(path: str, ckpt: Dict[str, Any], dictionary=None):
         raise ValueError(f"{path}: a {values['_name']} checkpoint without model.pretrained_model_args (the encoder's architecture)")
     arch = architecture(args.get("_name") or "data2vec_multi", path)
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    task = None
-    if arch.vocab_key is not None and arch.vocab_key in state:
-        vocab = state[arch.vocab_key].size(0)
-        if dictionary is not None and len(dictionary) != vocab:
-            raise ValueError(f"dictionary has {len(dictionary)} symbols but {path} was trained with {vocab}")
-        task = _TaskInfo(dictionary if dictionary is not None else VocabularyInfo(vocab))
+    task = _vocabulary_task(arch, state, dictionary, path)
     model = encoder_from_args(args, task)
     _load_strict(model, state, path)
     model.eval()
