@@ -19,7 +19,7 @@ from ..encoder import EncoderOutput
 from .architectures import Architecture, register_architecture
 from .blocks import Block, scaled_alibi
 from .ema import EMATeacher
-from .loss import RepresentationCollapse, check_collapse, feature_std, regression_loss  # noqa: F401  (RepresentationCollapse: public here)
+from .loss import RepresentationCollapse, regression_loss  # noqa: F401  (RepresentationCollapse: public here)
 from .masking import MaskSeed
 from .modalities.audio import AudioConfig, AudioEncoder
 from .modalities.image import ImageConfig, ImageEncoder
@@ -339,14 +339,8 @@ class Data2VecMultiModel(TeacherMixin, BaseFairseqModel):
             cls_pred = x[:, n_extra - 1]
             losses["cls"] = regression_loss(cls_pred, cls_target, cfg.loss_beta, cfg.loss_scale) * (cfg.cls_loss * sample_size)
         result = {"losses": losses, "sample_size": sample_size, "predictions": p, "targets": y}
-        with torch.no_grad():
-            result["masked_pct"] = 1 - mask_info.ids_keep.size(1) / mask_info.ids_restore.size(1)
-            result["pred_var"] = feature_std(p)
-            result["target_var"] = feature_std(y)
-            result["ema_decay"] = self.ema.decay
-            if cfg.log_norms:
-                result.update(self.ema.logs)
-            check_collapse(result, cfg, self.num_updates)
+        result["masked_pct"] = 1 - mask_info.ids_keep.size(1) / mask_info.ids_restore.size(1)
+        self.add_step_statistics(result)
         return result
 
     def encode(self, source, padding_mask=None, output_hidden_states: bool = False, keep_extra_tokens: bool = False) -> EncoderOutput:

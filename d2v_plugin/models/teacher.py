@@ -8,9 +8,11 @@ format of Meta's checkpoints) and how it is restored.
 
 import logging
 
+import torch
 import torch.nn as nn
 
 from .ema import EMATeacher, annealed_decay
+from .loss import check_collapse, feature_std
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +84,15 @@ class TeacherMixin:
             logger.warning("checkpoint has no EMA teacher (_ema); the teacher starts from the loaded student")
             self.ema = self._make_teacher(self.ema.decay)
         return result
+
+    @torch.no_grad()
+    def add_step_statistics(self, result) -> None:
+        """Add what every data2vec step logs to ``result`` (which holds ``predictions`` and
+        ``targets``): ``pred_var``, ``target_var``, ``ema_decay``, the EMA norms; then stop on
+        a representation collapse (``min_target_var`` / ``min_pred_var``)."""
+        result["pred_var"] = feature_std(result["predictions"])
+        result["target_var"] = feature_std(result["targets"])
+        result["ema_decay"] = self.ema.decay
+        if self.cfg.log_norms:
+            result.update(self.ema.logs)
+        check_collapse(result, self.cfg, self.num_updates)

@@ -34,7 +34,7 @@ from fairseq.models import BaseFairseqModel
 from omegaconf import II
 
 from ...encoder import EncoderOutput
-from ..loss import check_collapse, feature_std, regression_loss
+from ..loss import regression_loss
 from ..masking import MaskSeed, mask_generator
 from ..targets import build_targets
 from ..teacher import TeacherMixin
@@ -177,14 +177,8 @@ class Data2VecV1Model(TeacherMixin, BaseFairseqModel):
             "predictions": pred,
             "targets": y,
         }
-        with torch.no_grad():
-            result["masked_pct"] = float(sample_size) / max(predicted.numel(), 1)
-            result["pred_var"] = feature_std(pred)
-            result["target_var"] = feature_std(y)
-            result["ema_decay"] = self.ema.decay
-            if cfg.log_norms:
-                result.update(self.ema.logs)
-            check_collapse(result, cfg, self.num_updates)
+        result["masked_pct"] = float(sample_size) / max(predicted.numel(), 1)
+        self.add_step_statistics(result)
         return result
 
     # ---- inference -----------------------------------------------------------------
