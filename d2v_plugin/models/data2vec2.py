@@ -24,7 +24,7 @@ from .masking import MaskSeed
 from .modalities.audio import AudioConfig, AudioEncoder
 from .modalities.image import ImageConfig, ImageEncoder
 from .modalities.text import TextConfig, TextEncoder
-from .targets import build_targets
+from .targets import targets_from_config
 from .teacher import TeacherMixin
 
 logger = logging.getLogger(__name__)
@@ -269,9 +269,6 @@ class Data2VecMultiModel(TeacherMixin, BaseFairseqModel):
         targets = self.teacher_targets(source if target is None else target, padding_mask, out, enc, mode, own_input=target is not None)
         return self.compute_loss(mode, x, pred, targets, mask_info, out["full_padding_mask"], n_extra)
 
-    def teacher_dtype(self, student_dtype: torch.dtype) -> torch.dtype:
-        return student_dtype if self.cfg.ema_same_dtype and student_dtype.is_floating_point else torch.float32
-
     @torch.no_grad()
     def teacher_targets(self, source, padding_mask, student_out, enc, mode, own_input: bool = False):
         """Teacher pass (eval mode) on the unmasked input -> (B, T, C) fp32 targets."""
@@ -299,17 +296,7 @@ class Data2VecMultiModel(TeacherMixin, BaseFairseqModel):
             inp = t_enc.contextualized_features(local, padding_mask, mask=False, remove_masked=False)
         n_extra = enc.modality_cfg.num_extra_tokens
         _, layer_targets = self.run_blocks(blocks, inp["x"].to(dtype), inp, collect="targets", extra_tokens=n_extra, layerdrop=False)
-        cfg = self.cfg
-        return build_targets(
-            layer_targets,
-            cfg.average_top_k_layers,
-            instance_norm_target_layer=cfg.instance_norm_target_layer,
-            layer_norm_target_layer=cfg.layer_norm_target_layer,
-            batch_norm_target_layer=cfg.batch_norm_target_layer,
-            instance_norm_targets=cfg.instance_norm_targets,
-            layer_norm_targets=cfg.layer_norm_targets,
-            padding_mask=inp["full_padding_mask"] if cfg.target_stats_exclude_padding else None,
-        )
+        return targets_from_config(layer_targets, self.cfg, inp["full_padding_mask"])
 
     def compute_loss(self, mode, x, pred, targets, mask_info, padding_mask, n_extra):
         """Losses at the masked, non-padded steps of every clone row.

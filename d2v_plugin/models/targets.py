@@ -79,3 +79,19 @@ def build_targets(
     if instance_norm_targets:
         y = instance_norm_time(y, padding_mask)
     return y
+
+
+def targets_from_config(layer_outputs: List[torch.Tensor], cfg, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`build_targets` with a model config's settings (``average_top_k_layers``, the
+    ``*_norm_target*`` flags, ``target_stats_exclude_padding``; the same names in 1.0 and 2.0).
+    ``padding_mask`` is only used when ``cfg.target_stats_exclude_padding``."""
+    return build_targets(
+        layer_outputs,
+        cfg.average_top_k_layers,
+        instance_norm_target_layer=cfg.instance_norm_target_layer,
+        layer_norm_target_layer=cfg.layer_norm_target_layer,
+        batch_norm_target_layer=cfg.batch_norm_target_layer,
+        instance_norm_targets=cfg.instance_norm_targets,
+        layer_norm_targets=cfg.layer_norm_targets,
+        padding_mask=padding_mask if cfg.target_stats_exclude_padding else None,
+    )

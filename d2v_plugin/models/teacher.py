@@ -85,6 +85,10 @@ class TeacherMixin:
             self.ema = self._make_teacher(self.ema.decay)
         return result
 
+    def teacher_dtype(self, student_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the teacher runs in: the student's (``ema_same_dtype``), else fp32."""
+        return student_dtype if self.cfg.ema_same_dtype and student_dtype.is_floating_point else torch.float32
+
     @torch.no_grad()
     def add_step_statistics(self, result) -> None:
         """Add what every data2vec step logs to ``result`` (which holds ``predictions`` and

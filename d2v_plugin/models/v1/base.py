@@ -36,7 +36,7 @@ from omegaconf import II
 from ...encoder import EncoderOutput
 from ..loss import regression_loss
 from ..masking import MaskSeed, mask_generator
-from ..targets import build_targets
+from ..targets import targets_from_config
 from ..teacher import TeacherMixin
 
 logger = logging.getLogger(__name__)
@@ -115,9 +115,9 @@ class Data2VecV1Model(TeacherMixin, BaseFairseqModel):
         "sample_size", "target_var", "pred_var", "ema_decay", "masked_pct", "predictions",
         "targets"}``. Padded steps are never predicted.
         """
-        x, pm = self.encoder_input(source, padding_mask)
         if features_only:
             return self.extract_features(source, padding_mask)
+        x, pm = self.encoder_input(source, padding_mask)
         if self.ema is None:
             raise RuntimeError("this model has no EMA teacher (skip_ema / fine-tuning); call extract_features")
         seed = MaskSeed(self.cfg.seed, self.num_updates, id) if id is not None else None
@@ -139,15 +139,12 @@ class Data2VecV1Model(TeacherMixin, BaseFairseqModel):
         targets = self.teacher_targets(x, pm)
         return self.compute_loss(pred, targets[predicted], predicted)
 
-    def teacher_dtype(self, student_dtype: torch.dtype) -> torch.dtype:
-        return student_dtype if self.cfg.ema_same_dtype and student_dtype.is_floating_point else torch.float32
-
     @torch.no_grad()
     def teacher_targets(self, x, padding_mask):
         """The teacher (eval mode) on the unmasked input -> (B, T, C) fp32 targets, extra tokens removed."""
         if self.ema.device != x.device:
             self.ema.to(x.device)
-        dtype = self.teacher_dtype(x.dtype) if x.is_floating_point() else self.teacher_dtype(next(self.parameters()).dtype)
+        dtype = self.teacher_dtype(x.dtype if x.is_floating_point() else next(self.parameters()).dtype)  # tokens: the model's dtype
         self.ema.set_dtype(dtype)
         teacher = self.ema.model
         teacher.eval()
@@ -155,17 +152,7 @@ class Data2VecV1Model(TeacherMixin, BaseFairseqModel):
         _, layers = teacher(inp, padding_mask, collect="targets")
         n = self.num_extra_tokens
         layers = [layer[:, n:] for layer in layers]
-        cfg = self.cfg
-        return build_targets(
-            layers,
-            cfg.average_top_k_layers,
-            instance_norm_target_layer=cfg.instance_norm_target_layer,
-            layer_norm_target_layer=cfg.layer_norm_target_layer,
-            batch_norm_target_layer=cfg.batch_norm_target_layer,
-            instance_norm_targets=cfg.instance_norm_targets,
-            layer_norm_targets=cfg.layer_norm_targets,
-            padding_mask=padding_mask[:, n:] if cfg.target_stats_exclude_padding and padding_mask is not None else None,
-        )
+        return targets_from_config(layers, self.cfg, padding_mask[:, n:] if padding_mask is not None else None)
 
     def compute_loss(self, pred, y, predicted):
         cfg = self.cfg
