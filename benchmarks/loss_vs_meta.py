@@ -40,22 +40,11 @@ import time
 from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from child import child_code  # noqa: E402
 
 # Runs inside the child: pins torch's thread count, then starts fairseq-hydra-train.
-CHILD = r"""
-import os, sys
-import torch
-threads = int(os.environ.get("D2V_LOSS_THREADS", "0"))
-if threads > 0:
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(threads)
-    except RuntimeError:
-        pass
-sys.argv[0] = "fairseq-hydra-train"
-from fairseq_cli.hydra_train import cli_main
-cli_main()
-"""
+CHILD = child_code("D2V_LOSS_THREADS")
 
 # fairseq's own log format ("| train_inner | {...}") and hydra's ("[train_inner][INFO] - {...}")
 TRAIN_INNER = re.compile(r"[|\[]\s*train_inner\s*[|\]].*?(\{.*\})\s*$")

@@ -37,20 +37,13 @@ import time
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from child import child_code  # noqa: E402
 from synthetic import MAKERS  # noqa: E402
 
 # Runs inside the child: pins torch's thread count, records the CUDA peak memory across
 # fairseq's per-update resets of the peak counter, then starts fairseq-hydra-train.
-CHILD = r"""
-import atexit, os, sys
-import torch
-threads = int(os.environ.get("D2V_BENCH_THREADS", "0"))
-if threads > 0:
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(threads)
-    except RuntimeError:
-        pass
+CHILD = child_code("D2V_BENCH_THREADS", r"""
+import atexit
 print("D2V_BENCH torch_threads", torch.get_num_threads(), flush=True)
 if torch.cuda.is_available():
     _peak = [0]
@@ -64,10 +57,7 @@ if torch.cuda.is_available():
             _peak[0] = max(_peak[0], torch.cuda.max_memory_allocated())
             print("D2V_BENCH cuda_peak_bytes", _peak[0], flush=True)
     atexit.register(_report)
-sys.argv[0] = "fairseq-hydra-train"
-from fairseq_cli.hydra_train import cli_main
-cli_main()
-"""
+""")
 
 # fairseq's own log format ("| train_inner | {...}") and hydra's ("[train_inner][INFO] - {...}")
 TRAIN_INNER = re.compile(r"[|\[]\s*train_inner\s*[|\]].*?(\{.*\})\s*$")
