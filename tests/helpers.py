@@ -79,3 +79,16 @@ def write_tiny_gpt2(d: Path) -> Path:
     # fairseq's dict.txt lists BPE ids by frequency, not in id order
     (d / "dict.txt").write_text("".join(f"{i} {i + 1}\n" for i in reversed(range(len(symbols)))))
     return d
+
+
+def assert_same_student_and_teacher(resumed, reference, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """Every student tensor and every EMA teacher tensor (``_ema``) of ``reference`` (a model
+    state dict) equals ``resumed``'s within the tolerances."""
+    import torch
+
+    for name, value in reference.items():
+        if name == "_ema":
+            for k, v in value.items():
+                torch.testing.assert_close(resumed["_ema"][k], v, atol=atol, rtol=rtol, msg=f"teacher {k}")
+        else:
+            torch.testing.assert_close(resumed[name], value, atol=atol, rtol=rtol, msg=f"student {name}")

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from helpers import BIN, CONFIG_DIR, env, hydra_train, train_log
+from helpers import BIN, CONFIG_DIR, assert_same_student_and_teacher, env, hydra_train, train_log
 
 TINY = "pretraining/text_tiny"
 
@@ -104,9 +104,4 @@ def test_killed_run_resumes_exactly(text_bin, tmp_path):
     resumed = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     reference = torch.load(straight / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert resumed["optimizer_history"][-1]["num_updates"] == n + 5
-    for name, value in reference["model"].items():
-        if name == "_ema":
-            for k, v in value.items():
-                torch.testing.assert_close(resumed["model"]["_ema"][k], v, atol=1e-5, rtol=1e-5, msg=f"teacher {k}")
-        else:
-            torch.testing.assert_close(resumed["model"][name], value, atol=1e-5, rtol=1e-5, msg=f"student {name}")
+    assert_same_student_and_teacher(resumed["model"], reference["model"])

@@ -20,7 +20,7 @@ import torch
 import d2v_plugin
 from d2v_plugin.models.ema import annealed_decay
 from d2v_plugin.models.v1.audio import QKV, Data2VecAudioConfig, from_meta_config, meta_name
-from helpers import BIN, CONFIG_DIR, compat_dir, env, hydra_train, train_log
+from helpers import BIN, CONFIG_DIR, assert_same_student_and_teacher, compat_dir, env, hydra_train, train_log
 from test_audio import write_corpus
 
 TINY = "pretraining/v1_audio_tiny"
@@ -277,12 +277,7 @@ def test_killed_v1_audio_run_resumes_exactly(runs):
     resumed = torch.load(runs["killed"] / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     reference = torch.load(runs["straight"] / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert resumed["optimizer_history"][-1]["num_updates"] == TOTAL
-    for name, value in reference["model"].items():
-        if name == "_ema":
-            for k, v in value.items():
-                torch.testing.assert_close(resumed["model"]["_ema"][k], v, atol=1e-5, rtol=1e-5, msg=f"teacher {k}")
-        else:
-            torch.testing.assert_close(resumed["model"][name], value, atol=1e-5, rtol=1e-5, msg=f"student {name}")
+    assert_same_student_and_teacher(resumed["model"], reference["model"])
 
 
 # ---- 5. scripts/train_audio.sh --v1 ----------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import d2v_plugin
-from helpers import BIN, CONFIG_DIR, compat_dir, env, hydra_train, train_log
+from helpers import BIN, CONFIG_DIR, assert_same_student_and_teacher, compat_dir, env, hydra_train, train_log
 from test_image import write_images
 
 TINY = "pretraining/v1_image_tiny"
@@ -347,12 +347,7 @@ def test_killed_run_resumes_exactly(images, tmp_path):
     assert train_log(out)[0]["num_updates"] == n + 1
     resumed = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)["model"]
     reference = torch.load(straight / "checkpoint_last.pt", map_location="cpu", weights_only=True)["model"]
-    for name, value in reference.items():
-        if name == "_ema":
-            for k, v in value.items():
-                torch.testing.assert_close(resumed["_ema"][k], v, atol=1e-6, rtol=1e-5, msg=f"teacher {k}")
-        else:
-            torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-5, msg=f"student {name}")
+    assert_same_student_and_teacher(resumed, reference, atol=1e-6)
 
 
 # ---- scripts/train_image.sh --v1 ------------------------------------------------------------

@@ -15,7 +15,7 @@ import d2v_plugin
 from d2v_plugin.checkpoints import VocabularyInfo
 from d2v_plugin.models.masking import MaskSeed, mask_generator
 from d2v_plugin.models.v1.text import Data2VecTextConfig, Data2VecTextModel, from_meta_teacher, meta_name, meta_teacher_name
-from helpers import BIN, CONFIG_DIR, compat_dir, env, hydra_train, train_log
+from helpers import BIN, CONFIG_DIR, assert_same_student_and_teacher, compat_dir, env, hydra_train, train_log
 
 TINY = "pretraining/v1_text_tiny"
 CASE = "full_targets"  # the teacher sees the clean sequence (not Meta's padded target_tokens, fairseq #4881)
@@ -339,12 +339,7 @@ def test_killed_run_resumes_exactly(text_bin, tmp_path, tiny_run):
     reference = torch.load(straight / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert resumed["optimizer_history"][-1]["num_updates"] == END
     assert set(resumed["model"]) == set(reference["model"])
-    for name, value in reference["model"].items():
-        if name == "_ema":
-            for k, v in value.items():
-                torch.testing.assert_close(resumed["model"]["_ema"][k], v, atol=1e-5, rtol=1e-5, msg=f"teacher {k}")
-        else:
-            torch.testing.assert_close(resumed["model"][name], value, atol=1e-5, rtol=1e-5, msg=f"student {name}")
+    assert_same_student_and_teacher(resumed["model"], reference["model"])
 
 
 def test_train_text_script_v1_selects_the_1_0_configs(tmp_path):
