@@ -5,6 +5,7 @@ onnxruntime, the command line and its errors, on Meta's official-format checkpoi
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -351,3 +352,14 @@ def test_cli_hf_dispatches_to_export_hf(monkeypatch, capsys, tmp_path):
     assert cli.main(["ck.pt", "--out", str(tmp_path), "--format", "hf", "--dtype", "bf16", "--json"]) == 0
     assert calls == [("ck.pt", str(tmp_path), "bf16")]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == "hf"
+
+
+def test_missing_export_extra_is_named(tmp_path, monkeypatch, capsys):
+    """Without the optional export extra (safetensors) the CLI says which package and how to install it."""
+    from d2v_plugin.export import cli
+
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    assert cli.main([str(compat_dir() / "v1_text.checkpoint.pt"), "--out", str(tmp_path / "o"), "--format", "inference"]) == 2
+    err = capsys.readouterr().err
+    assert "safetensors" in err and ".[export]" in err

@@ -78,6 +78,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             msg = f"{args.checkpoint}: {msg}"
         print(f"d2v-export: error: {msg}", file=sys.stderr)
         return 2
+    except ImportError as e:  # the optional export extra is not installed
+        print(f"d2v-export: error: --format {args.format} needs the Python package {e.name!r}: "
+              "pip install 'd2v_plugin[export]' (from a checkout: pip install -e '.[export]')", file=sys.stderr)
+        return 2
     _print_summary(summary, args.json)
     return 0
 

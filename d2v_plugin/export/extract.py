@@ -208,6 +208,10 @@ def main(argv=None) -> int:
     except (ExtractError, ValueError, FileNotFoundError) as e:
         print(f"d2v-extract: error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # --format safetensors without the optional export extra
+        print(f"d2v-extract: error: needs the Python package {e.name!r}: pip install 'd2v_plugin[export]' "
+              "(from a checkout: pip install -e '.[export]')", file=sys.stderr)
+        return 2
     first = next(iter(features.values()))
     print(f"d2v-extract: {len(features)} inputs -> {args.out} ({len(paths)} file(s); e.g. {next(iter(features))}: shape {tuple(first.shape)})")
     return 0
