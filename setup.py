@@ -23,11 +23,18 @@ setup(
         "tqdm",
         "scipy",
         "scikit-learn",
+        "jiwer",  # WER / CER of speech recognition
+        "timm",  # image fine-tuning: mixup / cutmix, RandAugment, random erasing
+        "matplotlib",  # d2v-plot
     ],
     extras_require={
         # d2v-export / d2v-import-hf: safetensors weights, Hugging Face transformers, ONNX
         "export": ["safetensors", "transformers", "onnx", "onnxruntime"],
-        "test": ["pytest", "safetensors", "transformers", "onnx", "onnxruntime"],
+        # beam search with a KenLM language model (d2v-transcribe --lm)
+        "asr": ["flashlight-text"],
+        # tensorboard logging (common.tensorboard_logdir) and d2v-plot --html
+        "monitor": ["tensorboard", "plotly"],
+        "test": ["pytest", "safetensors", "transformers", "onnx", "onnxruntime", "flashlight-text", "tensorboard", "plotly"],
     },
     entry_points={
         "console_scripts": [
@@ -36,6 +43,9 @@ setup(
             "d2v-export=d2v_plugin.export.cli:main",
             "d2v-import-hf=d2v_plugin.export.hf:import_main",
             "d2v-extract=d2v_plugin.export.extract:main",
+            "d2v-transcribe=d2v_plugin.asr.transcribe:main",
+            "d2v-classify=d2v_plugin.classify:main",
+            "d2v-plot=d2v_plugin.monitor.plot:main",
         ],
     },
 )
