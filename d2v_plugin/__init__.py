@@ -10,6 +10,9 @@ safe_load.allow_fairseq_checkpoints()
 safe_load.register_config_resolvers()
 
 from . import criteria, models, tasks  # noqa: E402,F401
+from . import checkpoint_io, training_stop  # noqa: E402  (crash-safe checkpoints, complete stop messages)
+
+checkpoint_io.install(), training_stop.install()
 from .checkpoints import load_encoder, load_pretraining_model  # noqa: E402,F401
 from .encoder import Encoder, EncoderOutput  # noqa: E402,F401
 

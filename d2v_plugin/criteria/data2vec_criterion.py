@@ -8,7 +8,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
-DEFAULT_LOG_KEYS = ["ema_decay", "target_var", "pred_var", "masked_pct", "model_norm", "ema_norm"]
+DEFAULT_LOG_KEYS = ["ema_decay", "target_var", "pred_var", "local_var", "masked_pct", "model_norm", "ema_norm"]
 # decimals shown in the progress log; the EMA decay needs more than the default 3
 ROUNDING = {"ema_decay": 6}
 
@@ -52,6 +52,9 @@ class Data2VecCriterion(FairseqCriterion):
             if k in out:
                 v = out[k]
                 log[k] = float(v.item() if torch.is_tensor(v) else v)
+        # this update's loss terms and statistics, for the message of a stopped run (training_stop.py)
+        self.last_log = {"loss": log["loss"], **{f"loss_{k}": log.get(f"loss_{k}", log["loss"]) for k in losses},
+                         **{k: log[k] for k in self.log_keys if k in log}}
         return loss, sample_size, log
 
     @staticmethod

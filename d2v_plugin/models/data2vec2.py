@@ -91,7 +91,12 @@ class Data2VecMultiConfig(FairseqDataclass):
     modalities: ModalitiesConfig = field(default_factory=ModalitiesConfig, metadata={"help": "per-modality settings"})
     min_target_var: float = field(default=0.1, metadata={"help": "stop training if the target std falls below this (collapse)"})
     min_pred_var: float = field(default=0.01, metadata={"help": "stop training if the prediction std falls below this (collapse)"})
-    collapse_check_start: int = field(default=5000, metadata={"help": "check min_target_var / min_pred_var from this update on"})
+    min_local_var: float = field(
+        default=0.0,
+        metadata={"help": "stop training if local_var, the std of the modality (local) encoder's output, falls below "
+                  "this (a collapsed feature encoder, fairseq #5239); 0 = off (Meta's recipes have no such check)"},
+    )
+    collapse_check_start: int = field(default=5000, metadata={"help": "check min_target_var / min_pred_var / min_local_var from this update on"})
     supported_modality: MODALITIES = field(default="TEXT", metadata={"help": "the modality this model is trained on"})
     seed: int = field(default=II("common.seed"), metadata={"help": "seed of the reproducible masks"})
     skip_ema: bool = field(default=False, metadata={"help": "build no teacher (feature extraction / fine-tuning)"})
@@ -267,7 +272,10 @@ class Data2VecMultiModel(TeacherMixin, BaseFairseqModel):
             raise ValueError(f"mask_prob of modality {mode} is 0 and no precomputed_mask was given: data2vec needs masked steps to predict")
         pred = enc.decoder(enc.decoder_input(x, mask_info))
         targets = self.teacher_targets(source if target is None else target, padding_mask, out, enc, mode, own_input=target is not None)
-        return self.compute_loss(mode, x, pred, targets, mask_info, out["full_padding_mask"], n_extra)
+        local = out["local_features"]
+        if out["full_padding_mask"] is not None:  # (B * clone_batch, T): clone 0 of each sample
+            local = local[~out["full_padding_mask"][:: self.cfg.clone_batch]]
+        return self.compute_loss(mode, x, pred, targets, mask_info, out["full_padding_mask"], n_extra, local)
 
     @torch.no_grad()
     def teacher_targets(self, source, padding_mask, student_out, enc, mode, own_input: bool = False):
@@ -298,7 +306,7 @@ class Data2VecMultiModel(TeacherMixin, BaseFairseqModel):
         _, layer_targets = self.run_blocks(blocks, inp["x"].to(dtype), inp, collect="targets", extra_tokens=n_extra, layerdrop=False)
         return targets_from_config(layer_targets, self.cfg, inp["full_padding_mask"])
 
-    def compute_loss(self, mode, x, pred, targets, mask_info, padding_mask, n_extra):
+    def compute_loss(self, mode, x, pred, targets, mask_info, padding_mask, n_extra, local_features=None):
         """Losses at the masked, non-padded steps of every clone row.
 
         ``targets`` (B, T, C) belong to the un-cloned batch: clone row r regresses sample
@@ -327,7 +335,7 @@ class Data2VecMultiModel(TeacherMixin, BaseFairseqModel):
             losses["cls"] = regression_loss(cls_pred, cls_target, cfg.loss_beta, cfg.loss_scale) * (cfg.cls_loss * sample_size)
         result = {"losses": losses, "sample_size": sample_size, "predictions": p, "targets": y}
         result["masked_pct"] = 1 - mask_info.ids_keep.size(1) / mask_info.ids_restore.size(1)
-        self.add_step_statistics(result)
+        self.add_step_statistics(result, local_features)
         return result
 
     def encode(self, source, padding_mask=None, output_hidden_states: bool = False, keep_extra_tokens: bool = False) -> EncoderOutput:

@@ -47,18 +47,23 @@ class RepresentationCollapse(RuntimeError):
 
 
 def check_collapse(result, cfg, num_updates: int) -> None:
-    """Raise :class:`RepresentationCollapse` when ``result``'s target_var / pred_var fall below
-    ``cfg.min_target_var`` / ``cfg.min_pred_var`` (from update ``cfg.collapse_check_start`` on)."""
+    """Raise :class:`RepresentationCollapse` when ``result``'s target_var / pred_var / local_var
+    fall below ``cfg.min_target_var`` / ``cfg.min_pred_var`` / ``cfg.min_local_var`` (from
+    update ``cfg.collapse_check_start`` on; a limit of 0 is off). ``num_updates``: the updates
+    finished before this one."""
     if num_updates < cfg.collapse_check_start:
         return
     for key, limit, setting in (
         ("target_var", cfg.min_target_var, "model.min_target_var"),
         ("pred_var", cfg.min_pred_var, "model.min_pred_var"),
+        ("local_var", getattr(cfg, "min_local_var", 0.0), "model.min_local_var"),
     ):
+        if limit <= 0 or key not in result:
+            continue
         value = float(result[key])
         if value < limit:
             raise RepresentationCollapse(
-                f"{key} is {value:.4g} < {setting}={limit} at update {num_updates}: the representations "
+                f"{key} is {value:.4g} < {setting}={limit} at update {num_updates + 1}: the representations "
                 "have collapsed. Lower the learning rate, raise ema_decay or change the masking, then restart "
                 "from an earlier checkpoint."
             )

@@ -90,12 +90,16 @@ class TeacherMixin:
         return student_dtype if self.cfg.ema_same_dtype and student_dtype.is_floating_point else torch.float32
 
     @torch.no_grad()
-    def add_step_statistics(self, result) -> None:
+    def add_step_statistics(self, result, local_features=None) -> None:
         """Add what every data2vec step logs to ``result`` (which holds ``predictions`` and
-        ``targets``): ``pred_var``, ``target_var``, ``ema_decay``, the EMA norms; then stop on
-        a representation collapse (``min_target_var`` / ``min_pred_var``)."""
+        ``targets``): ``pred_var``, ``target_var``, ``local_var`` (of ``local_features``, the
+        modality encoder's output at the real steps, (N, C); fairseq #5239), ``ema_decay``,
+        the EMA norms; then stop on a representation collapse (``min_target_var`` /
+        ``min_pred_var`` / ``min_local_var``)."""
         result["pred_var"] = feature_std(result["predictions"])
         result["target_var"] = feature_std(result["targets"])
+        if local_features is not None:
+            result["local_var"] = feature_std(local_features)
         result["ema_decay"] = self.ema.decay
         if self.cfg.log_norms:
             result.update(self.ema.logs)

@@ -69,7 +69,12 @@ class Data2VecV1CommonConfig(FairseqDataclass):
     log_norms: bool = field(default=True, metadata={"help": "log model_norm and ema_norm"})
     min_target_var: float = field(default=0.1, metadata={"help": "stop training if the target std falls below this (collapse)"})
     min_pred_var: float = field(default=0.01, metadata={"help": "stop training if the prediction std falls below this (collapse)"})
-    collapse_check_start: int = field(default=5000, metadata={"help": "check min_target_var / min_pred_var from this update on"})
+    min_local_var: float = field(
+        default=0.0,
+        metadata={"help": "stop training if local_var, the std of the modality (local) encoder's output, falls below "
+                  "this (a collapsed feature encoder, fairseq #5239); 0 = off (Meta's recipes have no such check)"},
+    )
+    collapse_check_start: int = field(default=5000, metadata={"help": "check min_target_var / min_pred_var / min_local_var from this update on"})
     seed: int = field(default=II("common.seed"), metadata={"help": "seed of the reproducible masks"})
     skip_ema: bool = field(default=False, metadata={"help": "build no teacher (feature extraction / fine-tuning)"})
 
@@ -137,7 +142,11 @@ class Data2VecV1Model(TeacherMixin, BaseFairseqModel):
         predicted = masked if pm is None else masked & ~pm[:, n:]
         pred = self.predict(student[predicted])
         targets = self.teacher_targets(x, pm)
-        return self.compute_loss(pred, targets[predicted], predicted)
+        # the modality encoder's output at the real steps (1.0 text: tokens, its embedding runs inside encoder)
+        local = None
+        if x.is_floating_point():
+            local = x[:, n:] if pm is None else x[:, n:][~pm[:, n:]]
+        return self.compute_loss(pred, targets[predicted], predicted, local)
 
     @torch.no_grad()
     def teacher_targets(self, x, padding_mask):
@@ -154,7 +163,7 @@ class Data2VecV1Model(TeacherMixin, BaseFairseqModel):
         layers = [layer[:, n:] for layer in layers]
         return targets_from_config(layers, self.cfg, padding_mask[:, n:] if padding_mask is not None else None)
 
-    def compute_loss(self, pred, y, predicted):
+    def compute_loss(self, pred, y, predicted, local_features=None):
         cfg = self.cfg
         scale = cfg.loss_scale if cfg.loss_scale is not None and cfg.loss_scale > 0 else None
         sample_size = predicted.sum()
@@ -165,7 +174,7 @@ class Data2VecV1Model(TeacherMixin, BaseFairseqModel):
             "targets": y,
         }
         result["masked_pct"] = float(sample_size) / max(predicted.numel(), 1)
-        self.add_step_statistics(result)
+        self.add_step_statistics(result, local_features)
         return result
 
     # ---- inference -----------------------------------------------------------------
