@@ -26,13 +26,15 @@ with --v1 ./checkpoints/v1_image_tiny or ./checkpoints/v1_image_base);
 re-running the same command resumes from DIR/checkpoint_last.pt.
 
 Options:
-  --gpus N           GPUs to train on (default: all visible; DATA_DIR runs only)
+  --gpus N           GPUs to train on per machine (default: all visible; DATA_DIR runs only);
+                     with --cpu: N training processes on the CPU (gloo; default 1)
   --update-freq K    gradient accumulation steps (default: see above)
   --save-dir DIR     checkpoint directory
   --config NAME      config under config/pretraining (default: image_tiny without DATA_DIR,
                      image_base with it; with --v1 v1_image_tiny / v1_image_base)
   --v1               data2vec 1.0 vision instead of 2.0 (see above)
   --cpu              train on the CPU (single process) even with a DATA_DIR
+$(d2v_launch_help)
   -h, --help         show this help
   key=value          passed to fairseq-hydra-train, e.g. optimization.max_update=1000
                      dataset.batch_size=32 model.modalities.image.mask_prob=0.75

@@ -9,7 +9,7 @@ CONFIG_DIR="$REPO_DIR/config"
 PYTHON="${PYTHON:-python}"
 
 usage() {
-  cat <<'USAGE'
+  cat <<USAGE
 Usage: bash scripts/train_text.sh [DATA_DIR] [options] [hydra.key=value ...]
 
 Without DATA_DIR (quick start, no downloads):
@@ -34,10 +34,13 @@ Options:
   --save-dir DIR     where checkpoints go (default: checkpoints/text_tiny or checkpoints/text_base under
                      the current directory; see --v1)
   --work-dir DIR     where the quick start writes its corpus and vocabulary (default: data/text_demo)
-  --gpus N           GPUs to train on (default: all visible; 0 = CPU)
+  --gpus N           GPUs to train on per machine (default: all visible; 0 = CPU)
+  --cpu-procs N      with --gpus 0: N training processes on the CPU (gloo; default 1), to try
+                     distributed training without GPUs
   --update-freq N    gradient accumulation steps (default with GPUs: 16 / gpus, so that the
                      base recipe keeps Meta's 16-GPU batch)
   --max-update N     stop after N updates (default: the config's)
+$(d2v_launch_help)
   -h, --help         this help
 Any argument of the form key=value is passed to fairseq-hydra-train as a hydra override,
 e.g. dataset.batch_size=8 optimization.lr=[0.0001].
@@ -46,9 +49,14 @@ USAGE
 
 say() { echo "== $*"; }
 
-DATA=""; CONFIG=""; SAVE_DIR=""; V1=""; WORK_DIR="data/text_demo"; GPUS=""; UPDATE_FREQ=""; MAX_UPDATE=""
+DATA=""; CONFIG=""; SAVE_DIR=""; V1=""; WORK_DIR="data/text_demo"; GPUS=""; UPDATE_FREQ=""; MAX_UPDATE=""; CPU_PROCS=1
 OVERRIDES=()
+d2v_init_launch_args
+log() { say "$*"; }
+die() { echo "train_text.sh: $*" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
+  d2v_launch_option "$@"
+  if [[ $D2V_SHIFT -gt 0 ]]; then shift "$D2V_SHIFT"; continue; fi
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --v1) V1="v1_"; shift ;;
@@ -57,6 +65,7 @@ while [[ $# -gt 0 ]]; do
     --work-dir) WORK_DIR="$2"; shift 2 ;;
     --gpus) GPUS="$2"; shift 2 ;;
     --update-freq) UPDATE_FREQ="$2"; shift 2 ;;
+    --cpu-procs) d2v_need_value "$@"; CPU_PROCS="$2"; shift 2 ;;
     --max-update) MAX_UPDATE="$2"; shift 2 ;;
     --) shift; OVERRIDES+=("$@"); break ;;
     *=*) OVERRIDES+=("$1"); shift ;;
@@ -66,6 +75,7 @@ while [[ $# -gt 0 ]]; do
       DATA="$1"; shift ;;
   esac
 done
+d2v_check_launch_args
 
 if ! "$PYTHON" -c "import d2v_plugin" 2>/dev/null; then
   echo "train_text.sh: d2v_plugin is not importable with '$PYTHON'; install it first: pip install -e $REPO_DIR" >&2
@@ -93,16 +103,17 @@ fi
 
 ARGS=("task.data=$(cd "$DATA" && pwd)" "checkpoint.save_dir=$SAVE_DIR")
 if [[ "$GPUS" == "0" ]]; then
+  d2v_setup_launch ARGS "$CPU_PROCS" 1
   d2v_add_cpu_args ARGS "$UPDATE_FREQ"
 else
+  d2v_setup_launch ARGS "$GPUS" 0
   # the base recipe's batch: 16 GPUs
-  if [[ -z "$UPDATE_FREQ" ]]; then UPDATE_FREQ="$(d2v_default_update_freq 16 "$GPUS")"; fi
-  d2v_add_gpu_args ARGS "$GPUS" "$UPDATE_FREQ"
+  if [[ -z "$UPDATE_FREQ" ]]; then UPDATE_FREQ="$(d2v_default_update_freq 16 "$WORLD_SIZE_ARG")"; fi
+  d2v_add_gpu_args ARGS "$UPDATE_FREQ"
 fi
 [[ -n "$MAX_UPDATE" ]] && ARGS+=("optimization.max_update=$MAX_UPDATE")
 
 d2v_log_resume "$SAVE_DIR" say
-say "fairseq-hydra-train --config-dir $CONFIG_DIR --config-name $CONFIG ${ARGS[*]} ${OVERRIDES[*]:-}"
 d2v_hydra_train fairseq-hydra-train "$CONFIG_DIR" "$CONFIG" "${ARGS[@]}" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 
 cat <<DONE
