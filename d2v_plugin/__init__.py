@@ -15,5 +15,6 @@ from . import checkpoint_io, training_stop  # noqa: E402  (crash-safe checkpoint
 checkpoint_io.install(), training_stop.install()
 from .checkpoints import load_encoder, load_pretraining_model  # noqa: E402,F401
 from .encoder import Encoder, EncoderOutput  # noqa: E402,F401
+from .predict import load_model  # noqa: E402,F401
 
-__all__ = ["load_encoder", "load_pretraining_model", "Encoder", "EncoderOutput"]
+__all__ = ["load_encoder", "load_pretraining_model", "load_model", "Encoder", "EncoderOutput"]

@@ -161,22 +161,28 @@ def _load_strict(model, state, path: str) -> None:
 
 # fine-tuning models whose encoder (under ``encoder.``) records its architecture in
 # ``model.pretrained_model_args``
-FINETUNED_MODELS = ("d2v_text_classification", "d2v_span_qa")
+FINETUNED_MODELS = ("d2v_text_classification", "d2v_span_qa", "d2v_image_classification")
+
+
+def finetuned_encoder(values: Dict[str, Any], state: Dict[str, Any], dictionary, path: str):
+    """The encoder of a fine-tuned model, freshly built from its recorded architecture
+    (``values``: the fine-tuning model's config; ``state``: the whole model's weights), and
+    the encoder's weights (``encoder.*`` of ``state``, prefix removed), not yet loaded."""
+    from .models.architectures import architecture
+    from .models.finetuning.pretrained import encoder_from_args
+
+    args = values.get("pretrained_model_args")
+    if not args:
+        raise ValueError(f"{path}: a {values.get('_name')} model without model.pretrained_model_args (the encoder's architecture)")
+    arch = architecture(args.get("_name") or "data2vec_multi", path)
+    encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    task = _vocabulary_task(arch, encoder_state, dictionary, path)
+    return encoder_from_args(args, task), encoder_state
 
 
 def _finetuned_student(path: str, ckpt: Dict[str, Any], dictionary=None):
     """The encoder of a fine-tuned checkpoint (its head dropped), built from the recorded architecture."""
-    from .models.architectures import architecture
-    from .models.finetuning.pretrained import encoder_from_args
-
-    values = _model_cfg_dict(ckpt, path)
-    args = values.get("pretrained_model_args")
-    if not args:
-        raise ValueError(f"{path}: a {values['_name']} checkpoint without model.pretrained_model_args (the encoder's architecture)")
-    arch = architecture(args.get("_name") or "data2vec_multi", path)
-    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    task = _vocabulary_task(arch, state, dictionary, path)
-    model = encoder_from_args(args, task)
+    model, state = finetuned_encoder(_model_cfg_dict(ckpt, path), ckpt["model"], dictionary, path)
     _load_strict(model, state, path)
     model.eval()
     return model

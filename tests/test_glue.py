@@ -148,6 +148,50 @@ def test_classification_finetune_learns_and_reloads(pretrained, tmp_path):
     base_preds, _ = _evaluate(untrained, task)
     base = 100 * skm.accuracy_score(labels, base_preds)
     assert acc >= 95 and acc > base + 15, (acc, base)
+    _check_predictors(best, data, tmp_path, logged["value"])
+
+
+def _check_predictors(best, data, tmp_path, logged_accuracy):
+    """d2v_plugin.load_model from the checkpoint, from its inference export (the fine-tuning
+    data moved away) and the Hugging Face export with its head: the same predictions."""
+    import d2v_plugin
+
+    rows = _rows(64, 2)  # the valid rows _prep wrote
+    texts = [t for t, _ in rows]
+    clf = d2v_plugin.load_model(str(best))
+    out = clf(texts, batch_size=7)
+    assert out.classes == ["neg", "pos"]
+    assert 100 * np.mean([p == gold for p, (_, gold) in zip(out.labels, rows)]) == pytest.approx(logged_accuracy, abs=0.01)
+    torch.testing.assert_close(out.probabilities, out.logits.softmax(-1))
+    assert out.labels == [out.classes[i] for i in out.logits.argmax(-1).tolist()]
+
+    export = tmp_path / "export"
+    printed = run([BIN / "d2v-export", best, "--out", export, "--format", "inference"]).stdout
+    assert "head: d2v_text_classification" in printed
+    moved = data.with_name(data.name + "_moved")
+    data.rename(moved)  # the export must not need the fine-tuning data
+    try:
+        again = d2v_plugin.load_model(str(export))(texts)
+        torch.testing.assert_close(again.logits, out.logits)
+        assert again.labels == out.labels
+        tokens = torch.tensor([clf.encode(texts[0])])
+        torch.testing.assert_close(d2v_plugin.load_encoder(str(export))(tokens).last_hidden_state,
+                                   d2v_plugin.load_encoder(str(best))(tokens).last_hidden_state)
+    finally:
+        moved.rename(data)
+
+    from transformers import AutoModelForSequenceClassification
+
+    hf_dir = tmp_path / "hf"
+    run([BIN / "d2v-export", best, "--out", hf_dir, "--format", "hf"])
+    hf = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+    assert type(hf).__name__ == "Data2VecTextForSequenceClassification" and hf.config.id2label == {0: "neg", 1: "pos"}
+    ids = [clf.encode(t) for t in texts[:8]]
+    width = max(map(len, ids))
+    batch = torch.tensor([r + [1] * (width - len(r)) for r in ids])
+    with torch.no_grad():
+        logits = hf(input_ids=batch, attention_mask=batch.ne(1).long()).logits
+    torch.testing.assert_close(logits, out.logits[:8], atol=1e-4, rtol=1e-4)
 
 
 def test_regression_finetune_learns(pretrained, tmp_path):

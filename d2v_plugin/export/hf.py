@@ -499,6 +499,57 @@ def _hf_classes(arch: str):
     }[arch]
 
 
+# fine-tuned text heads -> (transformers class, prefix of the base model in its state dict)
+HF_HEADS = {
+    "d2v_text_classification": ("Data2VecTextForSequenceClassification", "data2vec_text."),
+    "d2v_span_qa": ("Data2VecTextForQuestionAnswering", "data2vec_text."),
+}
+
+
+def _finetuned(path_or_model):
+    """The fine-tuned record of a fine-tuning checkpoint / export with a text head (else None)."""
+    if not isinstance(path_or_model, (str, os.PathLike)):
+        return None
+    from ..checkpoints import FINETUNED_MODELS, _model_cfg_dict, read_checkpoint
+    from ..export.inference import is_inference_dir, read_config
+    from ..predict.finetuned import read_finetuned
+
+    path = str(path_or_model)
+    if is_inference_dir(path):
+        name = (read_config(path).get("finetuned") or {}).get("name")
+    else:
+        name = _model_cfg_dict(read_checkpoint(path), path).get("_name")
+        if name not in FINETUNED_MODELS:
+            return None
+    return read_finetuned(path) if name in HF_HEADS else None
+
+
+def _head_state(rec, values: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The head's weights under transformers' names; ``values`` (the config) gets the head's fields."""
+    state = rec.state
+    if rec.name == "d2v_span_qa":
+        return {f"qa_outputs.{p}": state[f"span_head.{p}"].float() for p in ("weight", "bias")}
+    cfg = rec.model_cfg
+    if cfg.get("pooler_activation_fn", "tanh") != "tanh":
+        raise ValueError(f"{rec.path}: the head's activation is {cfg['pooler_activation_fn']}; transformers' "
+                         "Data2VecTextForSequenceClassification head is fixed to tanh")
+    inner = state["head.dense.weight"].size(0)
+    if inner != values["hidden_size"]:
+        raise ValueError(f"{rec.path}: the head's inner width is {inner}, not the encoder's {values['hidden_size']}, "
+                         "which transformers' classification head requires")
+    num = state["head.out_proj.weight"].size(0)
+    values["num_labels"] = num
+    if rec.task_cfg.get("regression_target"):
+        values["problem_type"] = "regression"
+    else:
+        values["problem_type"] = "single_label_classification"
+        names = rec.classes or [str(i) for i in range(num)]
+        values["id2label"] = {i: n for i, n in enumerate(names[:num])}
+        values["label2id"] = {n: i for i, n in enumerate(names[:num])}
+    values["classifier_dropout"] = cfg.get("pooler_dropout", 0.0)
+    return {f"classifier.{k[len('head.'):]}": v.float() for k, v in state.items() if k.startswith("head.")}
+
+
 def export_hf(path_or_model, out_dir: str, dtype: str = "fp32") -> Dict[str, Any]:
     """Write a transformers model directory (``config.json``, ``model.safetensors`` and, for
     speech and vision, ``preprocessor_config.json``) of a data2vec 1.0 checkpoint (ours or
@@ -513,6 +564,7 @@ def export_hf(path_or_model, out_dir: str, dtype: str = "fp32") -> Dict[str, Any
     model, source = _student(path_or_model)
     arch = _arch_name(model, source)
     notes: List[str] = []
+    head = _finetuned(path_or_model)
     from ..models.architectures import architecture_of
 
     if architecture_of(model).name == "data2vec_multi":  # a 2.0 text model that is a RoBERTa encoder
@@ -529,10 +581,6 @@ def export_hf(path_or_model, out_dir: str, dtype: str = "fp32") -> Dict[str, Any
         if scale != 1.0:
             state[key] = state[key] * scale
             notes.append(f"no_scale_embedding=false: the token embeddings are exported multiplied by {scale:g}")
-        notes.append(
-            "no tokenizer is written: the tokenizer (fairseq dictionary / BPE) must come from the training setup; "
-            f"token ids are fairseq dictionary indices (pad {values['pad_token_id']})"
-        )
         notes.append("the pooler is not part of data2vec: transformers initialises it randomly")
     elif arch == "data2vec_audio":
         values = _audio_config(model)
@@ -543,15 +591,27 @@ def export_hf(path_or_model, out_dir: str, dtype: str = "fp32") -> Dict[str, Any
     if arch == "data2vec_text":
         hf_state["embeddings.token_type_embeddings.weight"] = torch.zeros(1, values["hidden_size"])
     config_cls, model_cls = _hf_classes(arch)
+    prefix = ""
+    if head is not None:
+        import transformers
+
+        class_name, prefix = HF_HEADS[head.name]
+        model_cls = getattr(transformers, class_name)
+        values["architectures"] = [class_name]
+        hf_state = {prefix + k: v for k, v in hf_state.items()}
+        hf_state.update(_head_state(head, values))
+        notes.append(f"the {head.name} head is written as {class_name}")
     config = config_cls(**{k: v for k, v in values.items() if k != "model_type"})
     hf_model = model_cls(config)
     missing, unexpected = hf_model.load_state_dict(hf_state, strict=False)
-    missing = [k for k in missing if not HF_SKIP[arch].match(k)]
+    missing = [k for k in missing if not HF_SKIP[arch].match(k[len(prefix):] if k.startswith(prefix) else k)]
     if missing or unexpected:
         raise ValueError(f"{arch}: the Hugging Face model does not fit the mapped weights: missing {missing[:8]}, unexpected {unexpected[:8]}")
     hf_model.to(DTYPES[dtype])
     os.makedirs(out_dir, exist_ok=True)
     hf_model.save_pretrained(out_dir, safe_serialization=True)
+    if arch == "data2vec_text":
+        notes.append(_write_tokenizer(out_dir, path_or_model, head, values))
     if arch == "data2vec_audio":
         from transformers import Wav2Vec2FeatureExtractor
 
@@ -570,6 +630,46 @@ def export_hf(path_or_model, out_dir: str, dtype: str = "fp32") -> Dict[str, Any
         "dtype": dtype,
         "notes": notes,
     }
+
+
+def _tokenizer_files(path_or_model, head):
+    """(sentencepiece model, dict.txt) the text model was trained with, or (None, why not)."""
+    from .hf_tokenizer import find_sentencepiece_model
+
+    if head is not None:
+        if head.tokenizer is None or head.tokenizer.kind != "sentencepiece":
+            kind = head.tokenizer.kind if head.tokenizer is not None else "unknown"
+            return None, f"its tokenizer is {kind}, not sentencepiece"
+        return head.tokenizer.files["model"], head.dict_path
+    if not isinstance(path_or_model, (str, os.PathLike)) or os.path.isdir(path_or_model):
+        return None, "no training data directory is known for it"
+    from ..checkpoints import read_checkpoint
+
+    task = (read_checkpoint(str(path_or_model)).get("cfg") or {}).get("task") or {}
+    data = str(task.get("data") or "").split(":")[0]
+    spm_model = find_sentencepiece_model(data)
+    if spm_model is None or not os.path.isfile(os.path.join(data, "dict.txt")):
+        return None, f"no spm.model and dict.txt in or beside its task.data ({data or 'not set'})"
+    return spm_model, os.path.join(data, "dict.txt")
+
+
+def _write_tokenizer(out_dir: str, path_or_model, head, values) -> str:
+    from ..tasks._common import load_text_dictionary
+    from .hf_tokenizer import write_hf_tokenizer
+
+    spm_model, dict_path = _tokenizer_files(path_or_model, head)
+    why = dict_path if spm_model is None else None
+    if spm_model is not None:
+        dictionary = load_text_dictionary(dict_path)
+        if len(dictionary) != values["vocab_size"]:
+            why = f"{dict_path} (+ <mask>) has {len(dictionary)} symbols, the model {values['vocab_size']}"
+        else:
+            try:
+                return write_hf_tokenizer(out_dir, spm_model, dictionary)
+            except ValueError as e:
+                why = str(e)
+    return (f"no tokenizer is written ({why}): token ids are fairseq dictionary indices (pad {values['pad_token_id']}); "
+            "Meta's checkpoints use RoBERTa's GPT-2 BPE: AutoTokenizer.from_pretrained('FacebookAI/roberta-base')")
 
 
 def _write_image_processor(out_dir: str, size: int) -> None:

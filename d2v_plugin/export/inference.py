@@ -70,53 +70,120 @@ def _dir_bytes(paths) -> int:
 def export_inference(path: str, out_dir: str, dtype: str = "fp32") -> Dict[str, Any]:
     """Export the student of checkpoint ``path`` into ``out_dir``; returns a summary dict
     (``architecture``, ``modality``, ``dtype``, ``parameters``, ``checkpoint_bytes``,
-    ``exported_bytes``, ``size_reduction``, ``files``)."""
-    from safetensors.torch import save_file
+    ``exported_bytes``, ``size_reduction``, ``files``).
 
-    from ..checkpoints import load_student
-    from ..models.architectures import architecture_of
+    A fine-tuned text checkpoint (text classification, SQuAD) is exported whole: encoder and
+    head, with a ``finetuned`` section in ``config.json`` (the model and task config, the
+    class names) and the tokenizer files, so that ``d2v_plugin.load_model(out_dir)`` predicts
+    from raw text without the fine-tuning data."""
+    from ..predict.finetuned import HEADS
 
     target = torch_dtype(dtype)
+    finetuned = _finetuned_record(path)
+    if finetuned is not None and finetuned.name in HEADS:
+        return _export_finetuned(finetuned, path, out_dir, dtype, target)
+    from ..checkpoints import load_student
+
     model = load_student(path)
-    arch = architecture_of(model)
     state = cast_state(model.state_dict(), target)
-    os.makedirs(out_dir, exist_ok=True)
-    config: Dict[str, Any] = {
-        "format": FORMAT,
-        "version": VERSION,
-        "architecture": arch.name,
-        "modality": model.mode,
-        "dtype": dtype,
-        "model": model_config_dict(model),
-    }
-    config["model"]["_name"] = arch.name  # as in a fairseq checkpoint's cfg.model
-    if arch.vocab_key is not None and arch.vocab_key in state:
-        config["vocab_size"] = int(state[arch.vocab_key].size(0))
-    weights = os.path.join(out_dir, WEIGHTS)
-    save_file(state, weights, metadata={"format": FORMAT, "architecture": arch.name, "dtype": dtype})
-    config_path = os.path.join(out_dir, CONFIG)
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    files = [weights, config_path]
+    config = _config(model, dtype)
+    files = _write(out_dir, config, state)
     if "vocab_size" in config:
         dictionary = _dictionary_beside(path)
         if dictionary is not None:
             files.append(shutil.copyfile(dictionary, os.path.join(out_dir, DICT)))
+    return _summary(path, out_dir, config, state, files)
+
+
+def _finetuned_record(path: str):
+    """The fine-tuned model of checkpoint ``path`` (None for a pretraining checkpoint or an export)."""
+    from ..checkpoints import FINETUNED_MODELS, _model_cfg_dict, read_checkpoint
+    from ..predict.finetuned import read_finetuned
+
+    if is_inference_dir(path):
+        return None
+    if _model_cfg_dict(read_checkpoint(path), path).get("_name") not in FINETUNED_MODELS:
+        return None
+    return read_finetuned(path)
+
+
+def _config(encoder, dtype: str) -> Dict[str, Any]:
+    from ..models.architectures import architecture_of
+
+    arch = architecture_of(encoder)
+    config: Dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": arch.name,
+        "modality": encoder.mode,
+        "dtype": dtype,
+        "model": model_config_dict(encoder),
+    }
+    config["model"]["_name"] = arch.name  # as in a fairseq checkpoint's cfg.model
+    embedding = encoder.state_dict().get(arch.vocab_key) if arch.vocab_key is not None else None
+    if embedding is not None:
+        config["vocab_size"] = int(embedding.size(0))
+    return config
+
+
+def _write(out_dir: str, config: Dict[str, Any], state: Dict[str, torch.Tensor]):
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    weights = os.path.join(out_dir, WEIGHTS)
+    save_file(state, weights, metadata={"format": FORMAT, "architecture": config["architecture"], "dtype": config["dtype"]})
+    config_path = os.path.join(out_dir, CONFIG)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return [weights, config_path]
+
+
+def _export_finetuned(rec, path: str, out_dir: str, dtype: str, target: torch.dtype) -> Dict[str, Any]:
+    from ..predict.finetuned import build_model, input_dictionary
+    from ..predict.text_tokenizer import EXPORT_FILES
+
+    dictionary = input_dictionary(rec)
+    model = build_model(rec, dictionary)
+    state = cast_state(model.state_dict(), target)
+    config = _config(model.encoder, dtype)
+    tokenizer = None
+    copies = []
+    if rec.tokenizer is not None:
+        files = {}
+        for what, src in rec.tokenizer.files.items():
+            if not os.path.isfile(src):
+                raise FileNotFoundError(f"{path}: its tokenizer file {src} ({what}) does not exist")
+            files[what] = EXPORT_FILES[what]
+            copies.append((src, EXPORT_FILES[what]))
+        tokenizer = {"kind": rec.tokenizer.kind, "files": files}
+    config["finetuned"] = {"name": rec.name, "model": rec.model_cfg, "task": rec.task_cfg,
+                           "classes": rec.classes, "tokenizer": tokenizer}
+    written = _write(out_dir, config, state)
+    written.append(shutil.copyfile(rec.dict_path, os.path.join(out_dir, DICT)))
+    for src, name in copies:
+        written.append(shutil.copyfile(src, os.path.join(out_dir, name)))
+    return _summary(path, out_dir, config, state, written)
+
+
+def _summary(path, out_dir, config, state, files) -> Dict[str, Any]:
     ckpt_bytes = _dir_bytes(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else os.path.getsize(path)
     out_bytes = _dir_bytes(files)
-    return {
+    summary = {
         "format": "inference",
         "checkpoint": path,
         "out_dir": out_dir,
-        "architecture": arch.name,
-        "modality": model.mode,
-        "dtype": dtype,
+        "architecture": config["architecture"],
+        "modality": config["modality"],
+        "dtype": config["dtype"],
         "parameters": sum(v.numel() for v in state.values()),
         "checkpoint_bytes": ckpt_bytes,
         "exported_bytes": out_bytes,
         "size_reduction": ckpt_bytes / out_bytes,
         "files": [os.path.basename(p) for p in files],
     }
+    if "finetuned" in config:
+        summary["head"] = config["finetuned"]["name"]
+    return summary
 
 
 def is_inference_dir(path: str) -> bool:
@@ -149,9 +216,6 @@ def load_inference(path: str, dictionary=None, dtype: Optional[torch.dtype] = No
     Weights come from ``model.safetensors`` (no pickle). The model is built in fp32 and the
     stored weights are cast into it, unless ``dtype`` (a torch dtype) asks for another.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from ..checkpoints import VocabularyInfo, _load_strict, _TaskInfo, model_config
     from ..models.architectures import architecture
 
@@ -168,12 +232,9 @@ def load_inference(path: str, dictionary=None, dtype: Optional[torch.dtype] = No
             raise ValueError(f"dictionary has {len(dictionary)} symbols but {folder} was trained with {vocab}")
         task = _TaskInfo(dictionary if dictionary is not None else VocabularyInfo(vocab))
     weights = os.path.join(folder, WEIGHTS)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{weights} does not exist")
-    try:
-        state = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {weights}: {e}") from e
+    state = _read_weights(folder)
+    if "finetuned" in config:  # the encoder of a fine-tuned model: its head is left out
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     model = arch.model(cfg, task=task, skip_ema=True)
     model.remove_pretraining_modules()
     _load_strict(model, state, weights)
@@ -181,3 +242,39 @@ def load_inference(path: str, dictionary=None, dtype: Optional[torch.dtype] = No
         model.to(dtype)
     model.eval()
     return model
+
+
+def _read_weights(folder: str) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = os.path.join(folder, WEIGHTS)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights} does not exist")
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {weights}: {e}") from e
+
+
+def read_finetuned_export(path: str):
+    """The :class:`d2v_plugin.predict.finetuned.Finetuned` record of an exported fine-tuned model."""
+    from ..predict.finetuned import Finetuned
+    from ..predict.text_tokenizer import TokenizerSpec
+
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config = read_config(folder)
+    section = config.get("finetuned")
+    if section is None:
+        raise ValueError(
+            f"{folder} holds an exported encoder without a task head (exported from a pretraining checkpoint); "
+            "d2v_plugin.load_encoder reads it"
+        )
+    state = {k: v.float() if v.is_floating_point() else v for k, v in _read_weights(folder).items()}
+    tokenizer = section.get("tokenizer")
+    return Finetuned(
+        name=section["name"], model_cfg=section["model"], task_cfg=section.get("task") or {}, state=state,
+        path=folder, classes=section.get("classes"),
+        tokenizer=TokenizerSpec.from_json(tokenizer, folder) if tokenizer else TokenizerSpec("none"),
+        dict_path=os.path.join(folder, DICT),
+    )
