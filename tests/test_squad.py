@@ -397,6 +397,7 @@ def test_finetune_v1_learns_the_answers(squad_env, tmp_path):
     qids = [qa["id"] for a in dev["data"] for p in a["paragraphs"] for qa in p["qas"]]
     assert sorted(predictions) == sorted(qids) == sorted(odds)
     assert set(predictions.values()) <= set(ANSWERS) | {""}
+    _check_reader_and_hf_export(save / "checkpoint_last.pt", dev, predictions, tmp_path)
 
     from fairseq import checkpoint_utils
 
@@ -405,6 +406,35 @@ def test_finetune_v1_learns_the_answers(squad_env, tmp_path):
     saved = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)["model"]
     for name, value in models[0].state_dict().items():
         torch.testing.assert_close(value, saved[name], msg=name)
+
+
+def _check_reader_and_hf_export(ckpt, dev, predictions, tmp_path):
+    """d2v_plugin.load_model answers as validation did; the Hugging Face export (QA head and
+    sentencepiece tokenizer) gives our token ids and our span logits."""
+    import d2v_plugin
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    qas = [(qa["id"], qa["question"], p["context"]) for a in dev["data"] for p in a["paragraphs"] for qa in p["qas"]]
+    reader = d2v_plugin.load_model(str(ckpt))
+    answers = reader([q for _, q, _ in qas], [c for _, _, c in qas], batch_size=16)
+    assert {qid: a.text for (qid, _, _), a in zip(qas, answers)} == predictions
+
+    hf_dir = tmp_path / "hf"
+    printed = run([BIN / "d2v-export", ckpt, "--out", hf_dir, "--format", "hf"]).stdout
+    assert "as XLMRobertaTokenizer" in printed
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    texts = sorted({c for _, _, c in qas} | {q for _, q, _ in qas})
+    assert [tok(t, add_special_tokens=False)["input_ids"] for t in texts] == [reader.tokenizer.encode(t) for t in texts]
+    hf = AutoModelForQuestionAnswering.from_pretrained(hf_dir).eval()
+    question, context = qas[0][1], qas[0][2]
+    ids = tok(question, context, return_tensors="pt")["input_ids"]
+    expected = [0, *reader.tokenizer.encode(question), 2, 2, *reader.tokenizer.encode(context), 2]
+    assert ids[0].tolist() == expected
+    with torch.no_grad():
+        got = hf(input_ids=ids)
+        ours = reader.model(ids)
+    torch.testing.assert_close(got.start_logits, ours["start_logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.end_logits, ours["end_logits"], atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
