@@ -1,7 +1,7 @@
 """``d2v-export CHECKPOINT --out DIR --format inference|hf|onnx [--dtype fp32|bf16|fp16]``.
 
-Exports the student encoder of a data2vec checkpoint (1.0 or 2.0, ours or Meta's; teacher,
-decoder and head dropped) and prints a summary (JSON with ``--json``). A missing, truncated
+Exports the student encoder of a data2vec checkpoint (1.0 or 2.0, ours or Meta's; teacher and
+decoder dropped), or a fine-tuned text model with its head (classification, SQuAD), and prints a summary (JSON with ``--json``). A missing, truncated
 or corrupt checkpoint, or one of an unknown model, ends with exit code 2 and a message that
 names the file. Checkpoints are read with ``torch.load(weights_only=True)``: nothing in them
 is executed.
@@ -19,7 +19,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="d2v-export",
-        description="Export the student encoder of a data2vec checkpoint (ours or Meta's) for inference.",
+        description="Export the student encoder of a data2vec checkpoint (ours or Meta's), or a fine-tuned "
+        "text model with its head, for inference.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a data2vec checkpoint (.pt, fairseq format, 1.0 or 2.0, ours or Meta's)")
