@@ -11,8 +11,9 @@ A run is one of:
 - a tensorboard log directory (``common.tensorboard_logdir``: ``train_inner/``, ``valid/``,
   ... holding ``events.out.tfevents.*``), read with tensorboard's event reader.
 
-The collapse thresholds (``model.min_target_var``, ``model.min_pred_var``) come from hydra's
-``.hydra/config.yaml`` beside the log when there is one.
+The collapse thresholds (``model.min_target_var``, ``model.min_pred_var``) come from the
+config fairseq prints at the top of its log and from hydra's ``.hydra/config.yaml`` beside
+the log (for a tensorboard directory: in the ``hydra/`` beside or inside it), when present.
 """
 
 import ast
@@ -238,11 +239,14 @@ def read_run(path: str, name: Optional[str] = None) -> Run:
     log = p if p.is_file() else find_log(p)
     if log is not None:
         train, valid, fmt = read_text_log(log)
-        config = _hydra_config(log.parent) or _logged_config(log)
+        # the config fairseq prints has every field; hydra's config.yaml only the run's own
+        config = {**_logged_config(log), **_hydra_config(log.parent)}
         return Run(label, str(log), fmt, train, valid, config)
     if _event_files(p):
         train, valid = read_tensorboard(p)
-        return Run(label, str(p), "tensorboard", train, valid, {})
+        # a tensorboard directory inside a save directory: hydra's config beside it
+        config = _hydra_config(p.parent / "hydra") or _hydra_config(p / "hydra")
+        return Run(label, str(p), "tensorboard", train, valid, config)
     raise RunError(
         f"{path}: no training log found: expected hydra/hydra_train.log or a *.log file (a save directory "
         f"of fairseq-hydra-train), or tensorboard event files (common.tensorboard_logdir)"
