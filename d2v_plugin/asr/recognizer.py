@@ -1,0 +1,89 @@
+"""``SpeechRecognizer``: a fine-tuned ``d2v_ctc`` checkpoint as a transcriber.
+
+    rec = SpeechRecognizer.from_checkpoint("checkpoints/asr/checkpoint_best.pt")
+    rec.transcribe(["a.wav", waveform_16khz])   # -> ["HELLO WORLD", ...]
+
+The checkpoint holds all it needs (the encoder's architecture, its audio normalisation and
+the letter dictionary are recorded in its model config): neither the pretrained checkpoint
+nor the fine-tuning data are read.
+"""
+
+from typing import Callable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..checkpoints import _model_cfg_dict, model_config, read_checkpoint
+from ..data.audio_dataset import read_audio
+from .decoding import make_decoder
+
+SAMPLE_RATE = 16_000
+Audio = Union[str, np.ndarray, torch.Tensor]
+
+
+class SpeechRecognizer:
+    def __init__(self, model, symbols: Sequence[str], device="cpu", dtype=torch.float32, lm: Optional[str] = None,
+                 batch_size: int = 8, **beam_options):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.symbols = list(symbols)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.decode = make_decoder(self.symbols, lm, **beam_options)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device="cpu", dtype=torch.float32, lm: Optional[str] = None, **options):
+        """Load a ``d2v_ctc`` checkpoint; ``lm``: an ARPA language model for beam search (needs flashlight-text)."""
+        from ..models.finetuning.ctc import D2vCtcConfig, D2vCtcModel
+        from ..models.finetuning.pretrained import encoder_from_args
+
+        ckpt = read_checkpoint(path)
+        values = _model_cfg_dict(ckpt, path)
+        if values.get("_name") != "d2v_ctc":
+            raise ValueError(f"{path} is a {values.get('_name')!r} checkpoint, not a CTC fine-tuned speech model (d2v_ctc)")
+        if not values.get("pretrained_model_args") or not values.get("target_symbols"):
+            raise ValueError(f"{path}: a d2v_ctc checkpoint without pretrained_model_args / target_symbols")
+        cfg = model_config(values, D2vCtcConfig)
+        symbols = list(cfg.target_symbols)
+        model = D2vCtcModel(cfg, encoder_from_args(cfg.pretrained_model_args, None), len(symbols))
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not fit its config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        return cls(model, symbols, device=device, dtype=dtype, lm=lm, **options)
+
+    @staticmethod
+    def load_audio(item: Audio) -> torch.Tensor:
+        if isinstance(item, str):
+            return torch.from_numpy(read_audio(item, SAMPLE_RATE, resample=True))
+        wav = torch.as_tensor(np.asarray(item, dtype=np.float32) if not torch.is_tensor(item) else item).float()
+        if wav.dim() != 1:
+            raise ValueError(f"a waveform must be 1-D (mono, 16 kHz samples), got shape {tuple(wav.shape)}")
+        return wav
+
+    @torch.inference_mode()
+    def transcribe(self, inputs: Sequence[Audio], progress: Optional[Callable[[int], None]] = None) -> List[str]:
+        """Transcripts of ``inputs`` (file paths or 1-D float waveforms at 16 kHz), in order.
+
+        Inputs are batched by length (``batch_size`` per batch); ``progress(n)`` is called
+        after each batch with the number of inputs it held.
+        """
+        if isinstance(inputs, (str, np.ndarray, torch.Tensor)):
+            raise TypeError("transcribe takes a list of inputs (paths or waveforms); wrap a single one in a list")
+        waves = [self.load_audio(x) for x in inputs]
+        order = sorted(range(len(waves)), key=lambda i: -len(waves[i]))
+        texts: List[Optional[str]] = [None] * len(waves)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            longest = max(len(waves[i]) for i in idx)
+            source = torch.zeros(len(idx), longest)
+            padding = torch.ones(len(idx), longest, dtype=torch.bool)
+            for row, i in enumerate(idx):
+                source[row, : len(waves[i])] = waves[i]
+                padding[row, : len(waves[i])] = False
+            out = self.model(source.to(self.device, self.dtype), padding.to(self.device))
+            log_probs = torch.log_softmax(out["logits"].float(), dim=-1)
+            for i, text in zip(idx, self.decode(log_probs, self.model.output_lengths(out))):
+                texts[i] = text
+            if progress is not None:
+                progress(len(idx))
+        return texts
