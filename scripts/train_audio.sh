@@ -70,10 +70,11 @@ if [[ $V1 -eq 1 ]]; then
 fi
 d2v_find_hydra_train
 
-# Synthesizes the demo corpus into DIR (DIR/wav/*.wav at 16 kHz, DIR/train.tsv).
+# Synthesizes the demo corpus into DIR (DIR/wav/*.wav at 16 kHz, DIR/train.tsv, and
+# DIR/utterances.tsv: each file's voice, rate and sentence, the labels of the probe).
 write_speech_demo() {
     local out="$1"
-    if [[ -f "$out/.complete" && -f "$out/train.tsv" ]]; then
+    if [[ -f "$out/.complete" && -f "$out/train.tsv" && -f "$out/utterances.tsv" ]]; then
         log "using the synthesized speech in $out"
         return
     fi
@@ -148,6 +149,7 @@ speeds = [140, 165, 190]
 jobs = [(text, voices[(i + k) % len(voices)], speeds[(i + 2 * k) % len(speeds)])
         for i, text in enumerate(sentences) for k in range(5)]
 rows = []
+labels = ["path\tvoice\trate\tsentence"]
 with tempfile.TemporaryDirectory() as scratch:
     raw = os.path.join(scratch, "utt.wav")
     for n, (text, voice, rate) in enumerate(jobs, 1):
@@ -161,8 +163,11 @@ with tempfile.TemporaryDirectory() as scratch:
         name = f"wav/{n:04d}.wav"
         sf.write(os.path.join(tmp, name), wav, 16000, subtype="PCM_16")
         rows.append(f"{name}\t{len(wav)}")
+        labels.append(f"{name}\t{voice}\t{rate}\t{text}")
         if n % 50 == 0 or n == len(jobs):
             print(f"[train_audio] synthesized {n}/{len(jobs)} utterances", flush=True)
+with open(os.path.join(tmp, "utterances.tsv"), "w") as f:
+    f.write("\n".join(labels) + "\n")
 shutil.rmtree(out, ignore_errors=True)
 os.rename(tmp, out)
 with open(os.path.join(out, "train.tsv"), "w") as f:
@@ -185,6 +190,7 @@ if [[ -z "$DATA" ]]; then
     DATA="data/speech_demo"
     write_speech_demo "$DATA"
     CPU=1
+    QUICK_START=1
     # the demo corpus is ~200 short utterances: a few hundred updates, logged often
     default_override optimization.max_update=200
     default_override common.log_interval=25
@@ -207,3 +213,7 @@ fi
 # the recipe's batch: 8 GPUs x 1,000,000 samples (1.0: 16 GPUs x 3,800,000)
 d2v_add_pretrain_device_args args "$recipe_gpus"
 d2v_run_pretraining "$config_dir" "${args[@]}"
+# quick start: the training curves, and a linear probe of the voice on sentences it never saw
+if [[ "${QUICK_START:-0}" -eq 1 ]]; then
+    d2v_quick_start_checks log "$SAVE_DIR" --data "$DATA" --label voice --group sentence
+fi

@@ -101,6 +101,7 @@ if [[ -z "$DATA" ]]; then
     DATA="data/digits_images"
     write_digits "$DATA"
     CPU=1
+    QUICK_START=1
 else
     CONFIG="${CONFIG:-${prefix}image_base}"
     [[ -d "$DATA/train" ]] || die "$DATA/train does not exist: expected $DATA/train/<class>/<image> (see datasets/imagenet/prepare.sh)"
@@ -115,3 +116,7 @@ fi
 # the recipe's batch: 16 GPUs x 16 images (1.0: 16 GPUs x 128 images, also 16 GPUs)
 d2v_add_pretrain_device_args args 16
 d2v_run_pretraining "$config_dir" "${args[@]}"
+# quick start: the training curves, and a linear probe of the digits' classes (train/ vs val/)
+if [[ "${QUICK_START:-0}" -eq 1 ]]; then
+    d2v_quick_start_checks log "$SAVE_DIR" --data "$DATA"
+fi

@@ -310,3 +310,25 @@ d2v_run_pretraining() {
     log "done. checkpoints: $SAVE_DIR (checkpoint_last.pt)"
     log "load the encoder with: python -c \"import d2v_plugin; enc = d2v_plugin.load_encoder('$SAVE_DIR/checkpoint_last.pt')\""
 }
+
+# ---- after a quick start -------------------------------------------------------------
+
+# d2v_quick_start_checks LOG_FUNCTION SAVE_DIR PROBE_ARG...: after a quick start, draw the
+# training curves of SAVE_DIR into SAVE_DIR/training.png (d2v-plot; its summary says whether
+# target_var / pred_var fell below the collapse thresholds) and run the linear probe of the
+# pretrained encoder against the same encoder randomly initialised ($PYTHON -m d2v_plugin.probe
+# SAVE_DIR/checkpoint_last.pt PROBE_ARG...). Training is done by then: a failure here is
+# reported with LOG_FUNCTION, not fatal.
+d2v_quick_start_checks() {
+    local say="$1" save_dir="$2"
+    shift 2
+    local py="${PYTHON:-python}"
+    "$say" "training curves: $py -m d2v_plugin.monitor.plot $save_dir --out $save_dir/training.png"
+    if "$py" -m d2v_plugin.monitor.plot "$save_dir" --out "$save_dir/training.png"; then
+        "$say" "plot: $save_dir/training.png (any time, also during training: d2v-plot $save_dir --out report.png --html report.html)"
+    else
+        "$say" "could not draw the training curves (see above)"
+    fi
+    "$say" "probe on held-out data: $py -m d2v_plugin.probe $save_dir/checkpoint_last.pt $*"
+    "$py" -m d2v_plugin.probe "$save_dir/checkpoint_last.pt" "$@" || "$say" "the probe failed (see above)"
+}
