@@ -89,6 +89,7 @@ if [[ -z "$DATA" ]]; then
   say "quick start: embedded corpus (Python's documentation) -> sentencepiece -> binarized data in $WORK_DIR"
   "$PYTHON" -m d2v_plugin.prep.text --default-corpus --out "$WORK_DIR" --vocab-size 4000 --workers 2
   DATA="$WORK_DIR/bin"
+  QUICK_START=1
 else
   if [[ ! -f "$DATA/dict.txt" ]]; then
     echo "train_text.sh: $DATA has no dict.txt; pass the binarized directory (e.g. the bin/ output of datasets/openwebtext/prepare.sh)" >&2
@@ -128,3 +129,7 @@ Next:
   - real data: datasets/openwebtext/prepare.sh --out data/owt, then
       bash scripts/train_text.sh data/owt/bin
 DONE
+# quick start: the training curves, and a linear probe of which documentation topic a held-out paragraph is from
+if [[ "${QUICK_START:-0}" -eq 1 ]]; then
+  d2v_quick_start_checks say "$SAVE_DIR" --data "$WORK_DIR"
+fi
