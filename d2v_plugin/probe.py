@@ -24,6 +24,7 @@ The labelled data, by the checkpoint's modality (all offline, written by the qui
 import argparse
 import csv
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -276,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # importing d2v_plugin (fairseq) may leave the root logger at DEBUG: keep the image decoder quiet
+    logging.getLogger("PIL").setLevel(logging.WARNING)
     try:
         result = run_probe(args)
     except (ProbeError, FileNotFoundError, ValueError) as e:

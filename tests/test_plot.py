@@ -103,7 +103,7 @@ def test_figure_panels_lines_thresholds(runs):
     assert list(axes) == [
         "loss", "target_var (teacher targets' std)", "pred_var (student predictions' std)",
         "local_var (modality encoder output's std)", "ema_decay", "learning rate", "masked_pct",
-        "throughput (words/s)", "validation loss",
+        "throughput (wps: ntokens/s)", "validation loss",
     ]
     for title in ("loss", "ema_decay", "learning rate", "masked_pct", "local_var (modality encoder output's std)"):
         lines = _lines(axes[title])
@@ -125,7 +125,7 @@ def test_figure_panels_lines_thresholds(runs):
     # --min-target-var overrides every run's threshold
     fig = make_figure([a, b], {"min_target_var": 0.0, "min_pred_var": None})
     target = _lines({ax.get_title(): ax for ax in fig.axes}["target_var (teacher targets' std)"])
-    assert [k for k in target if k.startswith("min_")] == ["min_target_var = 0"]
+    assert [k for k in target if k.startswith("min_")] == ["min_target_var = 0 (check off)"]
     assert not [k for k in target if "below" in k]
 
 

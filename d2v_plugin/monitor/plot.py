@@ -48,7 +48,8 @@ PANELS = (
     Panel("validation loss", ("loss",), split="valid"),
 )
 
-THROUGHPUT_NAMES = {"wps": "words/s", "ups": "updates/s"}
+#: fairseq's throughput keys; wps counts the task's ntokens (tokens, audio frames, images) per second
+THROUGHPUT_NAMES = {"wps": "wps: ntokens/s", "ups": "ups: updates/s"}
 
 
 def series(run: Run, panel: Panel) -> Tuple[Optional[str], List[Tuple[int, float]]]:
@@ -127,7 +128,8 @@ def make_figure(runs: Sequence[Run], overrides: Optional[Dict[str, Optional[floa
                     by_limit.setdefault(thresholds(run, overrides)[panel.threshold], []).append(run.name)
             for limit, names in sorted(by_limit.items()):
                 which = f" ({', '.join(names)})" if len(by_limit) > 1 else ""
-                ax.axhline(limit, color="red", linestyle="--", linewidth=1, label=f"{panel.threshold} = {limit:g}{which}")
+                off = " (check off)" if limit <= 0 else ""
+                ax.axhline(limit, color="red", linestyle="--", linewidth=1, label=f"{panel.threshold} = {limit:g}{off}{which}")
             # the panel's legend names the thresholds and crossings; the figure's names the runs
             lines = [h for h in ax.get_lines() if h.get_label().startswith((panel.threshold, "below"))
                      or ": below " in h.get_label()]
