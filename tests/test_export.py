@@ -164,6 +164,16 @@ def test_inference_dir_errors(exports, tmp_path):
         d2v_plugin.load_encoder(str(tmp_path / "empty"))
 
 
+def test_load_model_needs_a_finetuned_model(exports):
+    """load_model predicts with a task head: a pretraining checkpoint or its export is refused, naming load_encoder."""
+    import d2v_plugin
+
+    with pytest.raises(ValueError, match="not a fine-tuned model.*load_encoder"):
+        d2v_plugin.load_model(str(checkpoint("v1_text")))
+    with pytest.raises(ValueError, match="without a task head.*load_encoder"):
+        d2v_plugin.load_model(exports["v1_text"]["fp32"]["out_dir"])
+
+
 # ---- ONNX ---------------------------------------------------------------------------------------
 
 

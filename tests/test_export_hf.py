@@ -318,3 +318,60 @@ def test_mapping_mistakes_are_caught(arch_name, mutate, tmp_path, monkeypatch):
     model = tiny_model(arch_name)
     hfx.export_hf(model, str(tmp_path / "hf"))
     assert compare(arch_name, Encoder(model), load_hf(tmp_path / "hf"), *tiny_input(arch_name)) > 1e-2
+
+
+def _docstring_text():
+    """Real English text offline: the docstrings of some standard-library modules."""
+    import collections
+    import inspect
+    import json as json_module
+    import pathlib
+    import re
+
+    lines = []
+    for module in (collections, inspect, json_module, pathlib, re, os):
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj) if callable(obj) else None
+            if doc:
+                lines += [line.strip() for line in doc.splitlines() if len(line.split()) >= 4]
+    return sorted(set(lines))
+
+
+def test_sentencepiece_tokenizer_gives_fairseqs_ids(tmp_path):
+    """The exported XLMRobertaTokenizer reproduces fairseq's ids (sentencepiece pieces looked up in
+    dict.txt) on held-out text, including words the vocabulary must split into many pieces."""
+    import collections
+    import random
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from d2v_plugin.export.hf_tokenizer import write_hf_tokenizer
+    from d2v_plugin.prep.text import write_spm_dict
+    from d2v_plugin.tasks._common import load_text_dictionary
+
+    lines = _docstring_text()
+    random.Random(0).shuffle(lines)
+    train, held_out = lines[: len(lines) * 4 // 5], lines[len(lines) * 4 // 5:]
+    (tmp_path / "train.txt").write_text("\n".join(train) + "\n")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"), model_prefix=str(tmp_path / "spm"), vocab_size=500,
+                                   model_type="unigram", minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    counts = collections.Counter(p for line in train for p in sp.encode(line, out_type=str))
+    write_spm_dict(tmp_path / "spm.model", counts, tmp_path / "dict.txt")
+    dictionary = load_text_dictionary(str(tmp_path / "dict.txt"))
+    write_hf_tokenizer(str(tmp_path / "hf"), str(tmp_path / "spm.model"), dictionary)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    texts = held_out + ["Supercalifragilistic deserialisation of JSONDecoder(strict=False) -> 42.5%"]
+    differ = []
+    for text in texts:
+        fairseq_ids = [dictionary.bos()] + [dictionary.index(p) for p in sp.encode(text, out_type=str)] + [dictionary.eos()]
+        ids = tok(text)["input_ids"]
+        if ids != fairseq_ids:
+            differ.append(text)
+            # sentencepiece and transformers' Unigram break exact ties differently (">>>" = ">>" ">"
+            # or ">" ">>"): the same pieces in another order, never other pieces
+            assert sorted(ids) == sorted(fairseq_ids), text
+    assert len(differ) <= 0.03 * len(texts), differ
+    assert tok.mask_token_id == dictionary.index("<mask>") == len(dictionary) - 1
+    assert tok.pad_token_id == dictionary.pad()

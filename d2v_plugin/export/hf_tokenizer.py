@@ -5,7 +5,9 @@ fairseq feeds the model dictionary ids: the sentencepiece pieces of a line looke
 ``<mask>`` appended last). transformers' ``XLMRobertaTokenizer`` is a Unigram tokenizer with
 sentencepiece's normaliser and RoBERTa's ``<s> A </s>`` / ``<s> A </s></s> B </s>``
 templates: given the pieces with their sentencepiece scores *in dictionary order*, it
-produces exactly these ids. Only unigram sentencepiece models (what ``d2v_plugin.prep.text``
+produces these ids, except where two segmentations score exactly alike: the two libraries
+break such ties differently (``>>>`` as ``>> >`` or ``> >>``: the same pieces in another
+order; 4 of 235 held-out lines in ``tests/test_export_hf.py``). Only unigram sentencepiece models (what ``d2v_plugin.prep.text``
 trains) can be written this way; fairseq's GPT-2 BPE is RoBERTa's own tokenizer
 (``AutoTokenizer.from_pretrained("FacebookAI/roberta-base")`` for Meta's checkpoints).
 """
