@@ -510,18 +510,9 @@ def _finetuned(path_or_model):
     """The fine-tuned record of a fine-tuning checkpoint / export with a text head (else None)."""
     if not isinstance(path_or_model, (str, os.PathLike)):
         return None
-    from ..checkpoints import FINETUNED_MODELS, _model_cfg_dict, read_checkpoint
-    from ..export.inference import is_inference_dir, read_config
-    from ..predict.finetuned import read_finetuned
+    from ..predict.finetuned import finetuned_name, read_finetuned
 
-    path = str(path_or_model)
-    if is_inference_dir(path):
-        name = (read_config(path).get("finetuned") or {}).get("name")
-    else:
-        name = _model_cfg_dict(read_checkpoint(path), path).get("_name")
-        if name not in FINETUNED_MODELS:
-            return None
-    return read_finetuned(path) if name in HF_HEADS else None
+    return read_finetuned(str(path_or_model)) if finetuned_name(str(path_or_model)) in HF_HEADS else None
 
 
 def _head_state(rec, values: Dict[str, Any]) -> Dict[str, torch.Tensor]:

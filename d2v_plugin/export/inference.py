@@ -72,10 +72,11 @@ def export_inference(path: str, out_dir: str, dtype: str = "fp32") -> Dict[str, 
     (``architecture``, ``modality``, ``dtype``, ``parameters``, ``checkpoint_bytes``,
     ``exported_bytes``, ``size_reduction``, ``files``).
 
-    A fine-tuned text checkpoint (text classification, SQuAD) is exported whole: encoder and
-    head, with a ``finetuned`` section in ``config.json`` (the model and task config, the
-    class names) and the tokenizer files, so that ``d2v_plugin.load_model(out_dir)`` predicts
-    from raw text without the fine-tuning data."""
+    A fine-tuned checkpoint (text classification, SQuAD, CTC speech recognition, image
+    classification) is exported whole: encoder and head, with a ``finetuned`` section in
+    ``config.json`` (the model and task config, the class names) and, for text, the
+    dictionary and tokenizer files, so that ``d2v_plugin.load_model(out_dir)`` predicts from
+    raw input without the fine-tuning data."""
     from ..predict.finetuned import HEADS
 
     target = torch_dtype(dtype)
@@ -97,12 +98,9 @@ def export_inference(path: str, out_dir: str, dtype: str = "fp32") -> Dict[str, 
 
 def _finetuned_record(path: str):
     """The fine-tuned model of checkpoint ``path`` (None for a pretraining checkpoint or an export)."""
-    from ..checkpoints import FINETUNED_MODELS, _model_cfg_dict, read_checkpoint
-    from ..predict.finetuned import read_finetuned
+    from ..predict.finetuned import finetuned_name, read_finetuned
 
-    if is_inference_dir(path):
-        return None
-    if _model_cfg_dict(read_checkpoint(path), path).get("_name") not in FINETUNED_MODELS:
+    if is_inference_dir(path) or finetuned_name(path) is None:
         return None
     return read_finetuned(path)
 
@@ -142,7 +140,7 @@ def _export_finetuned(rec, path: str, out_dir: str, dtype: str, target: torch.dt
     from ..predict.finetuned import build_model, input_dictionary
     from ..predict.text_tokenizer import EXPORT_FILES
 
-    dictionary = input_dictionary(rec)
+    dictionary = input_dictionary(rec) if rec.dict_path else None
     model = build_model(rec, dictionary)
     state = cast_state(model.state_dict(), target)
     config = _config(model.encoder, dtype)
@@ -159,7 +157,8 @@ def _export_finetuned(rec, path: str, out_dir: str, dtype: str, target: torch.dt
     config["finetuned"] = {"name": rec.name, "model": rec.model_cfg, "task": rec.task_cfg,
                            "classes": rec.classes, "tokenizer": tokenizer}
     written = _write(out_dir, config, state)
-    written.append(shutil.copyfile(rec.dict_path, os.path.join(out_dir, DICT)))
+    if rec.dict_path:
+        written.append(shutil.copyfile(rec.dict_path, os.path.join(out_dir, DICT)))
     for src, name in copies:
         written.append(shutil.copyfile(src, os.path.join(out_dir, name)))
     return _summary(path, out_dir, config, state, written)
@@ -272,9 +271,10 @@ def read_finetuned_export(path: str):
         )
     state = {k: v.float() if v.is_floating_point() else v for k, v in _read_weights(folder).items()}
     tokenizer = section.get("tokenizer")
+    text = "vocab_size" in config
     return Finetuned(
         name=section["name"], model_cfg=section["model"], task_cfg=section.get("task") or {}, state=state,
         path=folder, classes=section.get("classes"),
-        tokenizer=TokenizerSpec.from_json(tokenizer, folder) if tokenizer else TokenizerSpec("none"),
-        dict_path=os.path.join(folder, DICT),
+        tokenizer=(TokenizerSpec.from_json(tokenizer, folder) if tokenizer else TokenizerSpec("none")) if text else None,
+        dict_path=os.path.join(folder, DICT) if text else None,
     )

@@ -66,6 +66,16 @@ def _from_checkpoint(path: str) -> Finetuned:
     return rec
 
 
+def finetuned_name(path: str) -> Optional[str]:
+    """The fine-tuning model name of a checkpoint or inference export (None: a pretrained encoder)."""
+    from ..export.inference import is_inference_dir, read_config
+
+    if is_inference_dir(path):
+        return (read_config(path).get("finetuned") or {}).get("name")
+    name = _model_cfg_dict(read_checkpoint(path), path).get("_name")
+    return name if name in FINETUNED_MODELS else None
+
+
 def read_finetuned(path: str) -> Finetuned:
     """The fine-tuned model of a checkpoint or of an inference export directory."""
     from ..export.inference import is_inference_dir, read_finetuned_export
@@ -98,8 +108,27 @@ def _span_qa(rec: Finetuned, encoder):
     return SpanQAModel(model_config(rec.model_cfg, SpanQAConfig), encoder, pad_idx=1)
 
 
-# model name -> (encoder, record) -> the fine-tuned model around that encoder
-HEADS: Dict[str, Callable] = {"d2v_text_classification": _text_classification, "d2v_span_qa": _span_qa}
+def _ctc(rec: Finetuned, encoder):
+    from ..models.finetuning.ctc import D2vCtcConfig, D2vCtcModel
+
+    cfg = model_config(rec.model_cfg, D2vCtcConfig)
+    return D2vCtcModel(cfg, encoder, len(cfg.target_symbols))
+
+
+def _image_classification(rec: Finetuned, encoder):
+    from ..models.finetuning.image_classification import ImageClassificationModel, ImageClassificationModelConfig
+
+    cfg = model_config(rec.model_cfg, ImageClassificationModelConfig)
+    return ImageClassificationModel(cfg, encoder, cfg.num_classes)
+
+
+# model name -> (record, encoder) -> the fine-tuned model around that encoder
+HEADS: Dict[str, Callable] = {
+    "d2v_text_classification": _text_classification,
+    "d2v_span_qa": _span_qa,
+    "d2v_ctc": _ctc,
+    "d2v_image_classification": _image_classification,
+}
 
 
 def build_model(rec: Finetuned, dictionary=None):
