@@ -174,6 +174,10 @@ def _check_predictors(best, data, tmp_path, logged_accuracy):
         again = d2v_plugin.load_model(str(export))(texts)
         torch.testing.assert_close(again.logits, out.logits)
         assert again.labels == out.labels
+        bf16 = d2v_plugin.load_model(str(export), dtype=torch.bfloat16)
+        assert next(bf16.model.parameters()).dtype == torch.bfloat16
+        low = bf16(texts)
+        assert low.logits.dtype == torch.float32 and (low.probabilities - out.probabilities).abs().max() < 0.05
         tokens = torch.tensor([clf.encode(texts[0])])
         torch.testing.assert_close(d2v_plugin.load_encoder(str(export))(tokens).last_hidden_state,
                                    d2v_plugin.load_encoder(str(best))(tokens).last_hidden_state)
