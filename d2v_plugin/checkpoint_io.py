@@ -91,6 +91,24 @@ def _write_error(target: str, err: OSError) -> CheckpointWriteError:
     )
 
 
+class _RecordingFile:
+    """A file whose failed writes are remembered: torch's zip writer turns them into a
+    RuntimeError without the OSError (errno, "No space left on device", ...)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
 def _atomic_write(target: str, write) -> None:
     """``write(file)`` into a temporary file beside ``target``, fsync, rename over ``target``."""
     target = os.path.abspath(target)
@@ -99,7 +117,13 @@ def _atomic_write(target: str, write) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}{TMP_MARK}", dir=directory)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recording = _RecordingFile(f)
+            try:
+                write(recording)
+            except Exception:
+                if recording.error is not None:
+                    raise recording.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         pause = float(os.environ.get(PAUSE_ENV, 0) or 0)
@@ -110,10 +134,16 @@ def _atomic_write(target: str, write) -> None:
         tmp = None
         _fsync_dir(directory)
     except OSError as e:
-        raise _write_error(target, e) from e
+        failure = e
+    else:
+        return
     finally:
         if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
+            try:
+                os.remove(tmp)
+            except OSError:  # a read-only directory: the next start removes it
+                logger.warning(f"could not remove {tmp}")
+    raise _write_error(target, failure) from failure
 
 
 def atomic_torch_save(obj, filename: str) -> None:

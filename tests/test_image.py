@@ -162,7 +162,7 @@ def test_corrupt_image_names_the_file(tmp_path):
     bad_ids = [i for i in range(len(ds)) if "zz_" in ds.path(i)]
     assert len(bad_ids) == 2
     for i in bad_ids:
-        with pytest.raises(ImageDataError, match=rf"{ds.path(i)}.*skip_unreadable_images"):
+        with pytest.raises(ImageDataError, match=rf"{ds.path(i)}.*task.skip_unreadable=true"):
             ds[i]
 
     skipping = ImageFolderDataset(str(data / "train"), 32, train=True, skip_unreadable=True)

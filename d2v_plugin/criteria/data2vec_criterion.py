@@ -34,6 +34,7 @@ class Data2VecCriterion(FairseqCriterion):
         self.log_keys = list(log_keys) if log_keys is not None else list(DEFAULT_LOG_KEYS)
 
     def forward(self, model, sample, reduce=True):
+        self.last_log = None  # set below once this update's forward succeeded
         out = model(**sample["net_input"])
         losses = {k: v.float().sum() for k, v in out["losses"].items()}
         loss = sum(losses.values())

@@ -234,6 +234,8 @@ class AudioManifestDataset(FairseqDataset):
         row = self.rows[index]
         try:
             wav = read_audio(self.path(row), self.sample_rate, self.resample)
+            if len(wav) < row.num_samples:  # cut short since its row was written or its header read
+                raise UnreadableAudioError(f"{self.path(row)}: truncated: {len(wav)} samples, its row says {row.num_samples}")
         except UnreadableAudioError as e:
             if not self.skip_unreadable:
                 raise UnreadableAudioError(f"{self._where(row)}: {e} (task.skip_unreadable=true skips such files)") from None

@@ -137,7 +137,7 @@ class ImageFolderDataset(FairseqDataset):
             img = load_rgb(path)
         except ImageDataError as e:
             if not self.skip_unreadable:
-                raise ImageDataError(f"{e}. Replace or delete the file, or set task.skip_unreadable_images=true to skip such files") from e
+                raise ImageDataError(f"{e} (sample {index} of {self.root}). Replace or delete the file, or set task.skip_unreadable=true to skip such files") from e
             self.num_skipped += 1
             logger.warning(f"skipped unreadable image {path} ({self.num_skipped} skipped so far in this process): {e.__cause__}")
             return None

@@ -53,6 +53,7 @@ def check_collapse(result, cfg, num_updates: int) -> None:
     finished before this one."""
     if num_updates < cfg.collapse_check_start:
         return
+    values = ", ".join(f"{k}={float(result[k]):.4g}" for k in ("target_var", "pred_var", "local_var") if k in result)
     for key, limit, setting in (
         ("target_var", cfg.min_target_var, "model.min_target_var"),
         ("pred_var", cfg.min_pred_var, "model.min_pred_var"),
@@ -63,7 +64,7 @@ def check_collapse(result, cfg, num_updates: int) -> None:
         value = float(result[key])
         if value < limit:
             raise RepresentationCollapse(
-                f"{key} is {value:.4g} < {setting}={limit} at update {num_updates + 1}: the representations "
+                f"{key} is {value:.4g} < {setting}={limit} at update {num_updates + 1} ({values}): the representations "
                 "have collapsed. Lower the learning rate, raise ema_decay or change the masking, then restart "
                 "from an earlier checkpoint."
             )

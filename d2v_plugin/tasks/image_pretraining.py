@@ -27,7 +27,11 @@ class ImagePretrainingConfig(FairseqDataclass):
     data: str = field(default=MISSING, metadata={"help": "directory with one ImageFolder directory per split (train/<class>/*.JPEG, val/...)"})
     input_size: int = field(default=224, metadata={"help": "side of the square crops fed to the model (match model.modalities.image.input_size)"})
     crop_min_scale: float = field(default=0.2, metadata={"help": "smallest area fraction of a training image kept by the random resized crop"})
-    skip_unreadable_images: bool = field(default=False, metadata={"help": "log and skip images that cannot be decoded instead of stopping"})
+    skip_unreadable: bool = field(
+        default=False,
+        metadata={"help": "skip images that cannot be read or decoded (missing, truncated, corrupt), logging each with a "
+                  "running count, instead of stopping with an error naming the file"},
+    )
     seed: int = field(default=II("common.seed"), metadata={"help": "seed of the per-epoch shuffling"})
 
 
@@ -59,7 +63,7 @@ class ImagePretrainingTask(NoDictionaryMixin, FairseqTask):
                 self.cfg.input_size,
                 train=split == "train",
                 crop_min_scale=self.cfg.crop_min_scale,
-                skip_unreadable=self.cfg.skip_unreadable_images,
+                skip_unreadable=self.cfg.skip_unreadable,
                 seed=self.cfg.seed,
             )
         except ImageDataError as e:
