@@ -115,7 +115,8 @@ fi
 [[ -n "$MAX_UPDATE" ]] && ARGS+=("optimization.max_update=$MAX_UPDATE")
 
 d2v_log_resume "$SAVE_DIR" say
-d2v_hydra_train fairseq-hydra-train "$CONFIG_DIR" "$CONFIG" "${ARGS[@]}" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
+TRAIN="${FAIRSEQ_HYDRA_TRAIN:-$(command -v fairseq-hydra-train || echo fairseq-hydra-train)}"
+d2v_hydra_train "$TRAIN" "$CONFIG_DIR" "$CONFIG" "${ARGS[@]}" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 
 cat <<DONE
 

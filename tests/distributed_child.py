@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """``fairseq-hydra-train`` for the distributed tests, with one addition: every rank also
 writes its own model state (student and EMA teacher) next to each checkpoint, as
 ``SAVE_DIR/rank<R>_update<N>.pt``. fairseq itself saves on rank 0 only; the per-rank files

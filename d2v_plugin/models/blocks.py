@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 
@@ -143,7 +144,18 @@ class Block(nn.Module):
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
 
+    # set by set_activation_checkpointing: recompute this block's activations in the backward
+    # pass instead of keeping them (training with gradients only)
+    activation_checkpointing = False
+
     def forward(self, x, padding_mask=None, alibi_bias=None):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # non-reentrant: works under DDP and with inputs that need no grad; the RNG state is
+            # restored for the recomputation, so dropout draws the same mask twice
+            return checkpoint(self._forward, x, padding_mask, alibi_bias, use_reentrant=False)
+        return self._forward(x, padding_mask, alibi_bias)
+
+    def _forward(self, x, padding_mask=None, alibi_bias=None):
         if self.layer_norm_first:
             a = self.attn(self.norm1(x), padding_mask, alibi_bias)
             x = x + self.drop_path(a if self.gamma_1 is None else self.gamma_1 * a)
@@ -156,6 +168,16 @@ class Block(nn.Module):
             ffn = self.mlp(x)
             x = self.norm2(x + self.drop_path(self.post_mlp_dropout(ffn)))
         return x, (ffn if self.ffn_targets else x)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> int:
+    """Turn activation checkpointing on or off in every :class:`Block` of ``model``; return
+    how many blocks there are. A teacher copied from the student later inherits the flag, but
+    runs without gradients, so it never recomputes."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for blk in blocks:
+        blk.activation_checkpointing = bool(enabled)
+    return len(blocks)
 
 
 class BlockStack(nn.Module):

@@ -17,7 +17,7 @@ from omegaconf import II, OmegaConf
 
 from ..encoder import EncoderOutput
 from .architectures import Architecture, register_architecture
-from .blocks import Block, scaled_alibi
+from .blocks import Block, scaled_alibi, set_activation_checkpointing
 from .ema import EMATeacher
 from .loss import RepresentationCollapse, regression_loss  # noqa: F401  (RepresentationCollapse: public here)
 from .masking import MaskSeed
@@ -55,6 +55,11 @@ class Data2VecMultiConfig(FairseqDataclass):
     activation_dropout: float = field(default=0.0, metadata={"help": "dropout inside the feed-forward network"})
     dropout_input: float = field(default=0.0, metadata={"help": "dropout on the input of the shared blocks"})
     layerdrop: float = field(default=0.0, metadata={"help": "probability of skipping a shared block in training"})
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute each transformer block's activations in the backward pass instead of storing them: "
+                  "less memory for ~30% more compute, same gradients (torch.utils.checkpoint, non-reentrant)"},
+    )
     embed_dim: int = field(default=768, metadata={"help": "model width"})
     mlp_ratio: float = field(default=4.0, metadata={"help": "feed-forward width, times embed_dim"})
     layer_norm_first: bool = field(default=False, metadata={"help": "pre-norm blocks (post-norm if false; Meta's recipes are post-norm)"})
@@ -168,6 +173,7 @@ class Data2VecMultiModel(TeacherMixin, BaseFairseqModel):
                 f"model.average_top_k_layers={cfg.average_top_k_layers} > depth={cfg.depth}: the targets average all "
                 f"{cfg.depth} blocks (as Meta's code does)"
             )
+        set_activation_checkpointing(self, cfg.activation_checkpointing)
         self._init_teacher(skip_ema)
 
     @classmethod

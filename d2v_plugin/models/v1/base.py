@@ -34,6 +34,7 @@ from fairseq.models import BaseFairseqModel
 from omegaconf import II
 
 from ...encoder import EncoderOutput
+from ..blocks import set_activation_checkpointing
 from ..loss import regression_loss
 from ..masking import MaskSeed, mask_generator
 from ..targets import targets_from_config
@@ -77,6 +78,11 @@ class Data2VecV1CommonConfig(FairseqDataclass):
     collapse_check_start: int = field(default=5000, metadata={"help": "check min_target_var / min_pred_var / min_local_var from this update on"})
     seed: int = field(default=II("common.seed"), metadata={"help": "seed of the reproducible masks"})
     skip_ema: bool = field(default=False, metadata={"help": "build no teacher (feature extraction / fine-tuning)"})
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute each transformer block's activations in the backward pass instead of storing them: "
+                  "less memory for ~30% more compute, same gradients (torch.utils.checkpoint, non-reentrant)"},
+    )
 
 
 class Data2VecV1Model(TeacherMixin, BaseFairseqModel):
@@ -87,6 +93,11 @@ class Data2VecV1Model(TeacherMixin, BaseFairseqModel):
 
     def _teacher_source(self) -> nn.Module:
         return self.encoder
+
+    def _init_teacher(self, skip_ema: bool) -> None:
+        # the last step of every 1.0 model's __init__: its blocks exist by now
+        set_activation_checkpointing(self, getattr(self.cfg, "activation_checkpointing", False))
+        super()._init_teacher(skip_ema)
 
     @property
     def embed_dim(self) -> int:
