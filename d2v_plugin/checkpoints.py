@@ -161,7 +161,7 @@ def _load_strict(model, state, path: str) -> None:
 
 # fine-tuning models whose encoder (under ``encoder.``) records its architecture in
 # ``model.pretrained_model_args``
-FINETUNED_MODELS = ("d2v_text_classification", "d2v_span_qa", "d2v_image_classification")
+FINETUNED_MODELS = ("d2v_text_classification", "d2v_span_qa", "d2v_image_classification", "d2v_ctc")
 
 
 def finetuned_encoder(values: Dict[str, Any], state: Dict[str, Any], dictionary, path: str):

@@ -81,7 +81,7 @@ class BeamSearchDecoder:
                  beam_threshold: float = 25.0, blank: int = 0):
         d = flashlight_decoder_module()
         from flashlight.lib.text.decoder.kenlm import KenLM
-        from flashlight.lib.text.dictionary import create_word_dict
+        from flashlight.lib.text.dictionary import Dictionary as WordDictionary
 
         self.symbols = list(symbols)
         if not _is_arpa(lm_path):
@@ -95,7 +95,10 @@ class BeamSearchDecoder:
                 lexicon[w] = [spelling]
         if not lexicon:
             raise ValueError(f"{lm_path}: none of its words can be spelled with the model's letters {self.symbols[4:]}")
-        self.word_dict = create_word_dict(lexicon)
+        self.word_dict = WordDictionary()
+        for word in list(lexicon) + ["<unk>"]:
+            self.word_dict.add_entry(word)
+        self.word_dict.set_default_index(self.word_dict.get_index("<unk>"))
         self.lm = KenLM(lm_path, self.word_dict)
         trie = d.Trie(len(self.symbols), index[WORD_SEP])
         start = self.lm.start(False)

@@ -1,0 +1,238 @@
+"""Speech recognition: CTC fine-tuning (d2v_ctc) through the real fairseq-hydra-train on speech
+synthesized with espeak-ng, d2v-transcribe, KenLM beam search, Meta's checkpoints, bad input."""
+
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from helpers import BIN, compat_dir, hydra_train, run
+
+WORDS = ["ONE", "TWO", "THREE", "FOUR", "FIVE", "SIX", "SEVEN", "EIGHT", "NINE", "ZERO"]
+
+
+def synthesize(text: str, voice: str, rate: int) -> np.ndarray:
+    """espeak-ng speech of ``text`` as 16 kHz float32."""
+    from scipy.signal import resample_poly
+
+    with tempfile.NamedTemporaryFile(suffix=".wav") as t:
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-w", t.name, text.lower()], check=True)
+        wav, sr = sf.read(t.name, dtype="float32")
+    g = np.gcd(sr, 16000)
+    return resample_poly(wav, 16000 // g, sr // g).astype(np.float32)
+
+
+def letters(text: str) -> str:
+    return " ".join(text.replace(" ", "|")) + " |"
+
+
+def write_split(root: Path, split: str, items) -> None:
+    rows, ltr = [], []
+    for n, (text, voice, rate) in enumerate(items):
+        name = f"wav/{split}_{n:03d}.wav"
+        wav = synthesize(text, voice, rate)
+        sf.write(root / name, wav, 16000, subtype="PCM_16")
+        rows.append(f"{name}\t{len(wav)}")
+        ltr.append(letters(text))
+    (root / f"{split}.tsv").write_text(f"{root}\n" + "".join(r + "\n" for r in rows))
+    (root / f"{split}.ltr").write_text("".join(line + "\n" for line in ltr))
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """Three-word digit phrases: train in two voices, valid = unseen phrases in a third rate."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); it synthesizes the test speech")
+    root = tmp_path_factory.mktemp("digits")
+    (root / "wav").mkdir()
+    rng = random.Random(0)
+    phrases = [" ".join(rng.choice(WORDS) for _ in range(3)) for _ in range(32)]
+    write_split(root, "train", [(p, v, r) for p in phrases[:24] for v, r in (("en", 170), ("en-us", 150))])
+    write_split(root, "valid", [(p, "en", 160) for p in phrases[24:]])
+    symbols = sorted({c for w in WORDS for c in w} | {"|"})
+    (root / "dict.ltr.txt").write_text("".join(f"{c} 1\n" for c in symbols))
+    return root
+
+
+@pytest.fixture(scope="session")
+def pretrained(digits, tmp_path_factory):
+    """Our own tiny data2vec 2.0 speech checkpoint (a few pretraining updates)."""
+    out = tmp_path_factory.mktemp("asr_pretrain")
+    hydra_train("pretraining/audio_tiny", f"task.data={digits}", "optimization.max_update=3", f"checkpoint.save_dir={out}")
+    return out / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="session")
+def finetuned(digits, pretrained, tmp_path_factory):
+    """(save_dir, validation log rows) of a tiny CTC fine-tune, validated every 30 updates."""
+    out = tmp_path_factory.mktemp("asr_finetune")
+    proc = hydra_train(
+        "finetuning/asr/tiny", f"task.data={digits}", f"model.model_path={pretrained}", f"checkpoint.save_dir={out}",
+        "optimization.max_update=60", "dataset.validate_interval_updates=30", "checkpoint.save_interval_updates=30",
+        "model.mask_prob=0", "model.mask_channel_prob=0",
+    )
+    valid = [dict((k, float(v)) for k, v in re.findall(r"\| (\w+) ([-+0-9.eE]+)\b", line))
+             for line in proc.stdout.splitlines() if "[valid]" in line and "| wer " in line]
+    assert len(valid) == 2, proc.stdout[-3000:]
+    return out, valid
+
+
+def test_finetune_beats_untrained(digits, pretrained, finetuned):
+    from d2v_plugin.asr.baseline import untrained_recognizer
+    from d2v_plugin.asr.transcribe import manifest_inputs
+    from d2v_plugin.checkpoints import read_checkpoint
+    from d2v_plugin.criteria.ctc import error_counts
+
+    paths, refs = manifest_inputs(str(digits / "valid.tsv"))
+    w, wn, c, cn = error_counts(refs, untrained_recognizer(str(pretrained), str(digits)).transcribe(paths))
+    untrained_cer = 100.0 * c / cn
+    out, valid = finetuned
+    best_uer = min(r["uer"] for r in valid)
+    assert untrained_cer >= 90, untrained_cer
+    assert best_uer < 0.8 * untrained_cer and best_uer < 85, (best_uer, untrained_cer)
+    # what a fine-tuned checkpoint records: the encoder, its normalisation (ours: task.normalize=true), the letters
+    model_cfg = read_checkpoint(str(out / "checkpoint_best.pt"))["cfg"]["model"]
+    assert model_cfg["normalize"] is True
+    assert list(model_cfg["target_symbols"])[4:] == (digits / "dict.ltr.txt").read_text().split()[::2]
+    assert model_cfg["pretrained_model_args"]["_name"] == "data2vec_multi"
+
+
+def test_transcribe_matches_validation(digits, finetuned):
+    out, valid = finetuned
+    best = min(valid, key=lambda r: r["wer"])
+    hyp = out / "hyp.tsv"
+    proc = run([BIN / "d2v-transcribe", out / "checkpoint_best.pt", "--manifest", digits / "valid.tsv", "--out", hyp])
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("WER ")][-1]
+    wer, cer = float(line.split()[1]), float(line.split("CER ")[1].split()[0])
+    assert wer == pytest.approx(best["wer"], abs=1e-3) and cer == pytest.approx(best["uer"], abs=1e-3), (line, best)
+    rows = hyp.read_text().splitlines()
+    assert len(rows) == 8 and all(r.split("\t")[0].endswith(".wav") for r in rows)
+    # load_encoder reads the fine-tuned checkpoint's encoder (its head dropped)
+    import d2v_plugin
+
+    enc = d2v_plugin.load_encoder(str(out / "checkpoint_best.pt"))
+    assert enc.embed_dim == 64
+
+
+ARPA = """\\data\\
+ngram 1=5
+ngram 2=2
+
+\\1-grams:
+-0.5\t<s>\t-0.3
+-0.5\t</s>
+-0.7\tCAT\t-0.3
+-0.7\tDOG\t-0.3
+-9.0\t<unk>
+
+\\2-grams:
+-0.1\t<s> CAT
+-0.1\tCAT DOG
+
+\\end\\
+"""
+
+
+def emissions(spelling, symbols, confusions=None):
+    """(1, T, V) log-probs: each letter of ``spelling`` for one frame then a blank frame;
+    ``confusions`` {frame: letter} puts 60% on another letter at that frame."""
+    index = {s: i for i, s in enumerate(symbols)}
+    frames = []
+    for ch in spelling:
+        frames += [ch, "<s>"]
+    lp = torch.full((len(frames), len(symbols)), 1e-4)
+    for t, ch in enumerate(frames):
+        lp[t, index[ch]] = 1.0
+    for t, other in (confusions or {}).items():
+        lp[t] = 1e-4
+        lp[t, index[other]], lp[t, index[frames[t]]] = 0.6, 0.4
+    return torch.log(lp / lp.sum(-1, keepdim=True)).unsqueeze(0)
+
+
+def test_lm_decoding(tmp_path, finetuned, digits):
+    pytest.importorskip("flashlight.lib.text.decoder.kenlm", reason="flashlight-text (the asr extra) is not installed")
+    from d2v_plugin.asr.decoding import BeamSearchDecoder, greedy_decode
+
+    lm = tmp_path / "lm.arpa"
+    lm.write_text(ARPA)
+    symbols = ["<s>", "<pad>", "</s>", "<unk>", "|", "A", "C", "D", "G", "O", "T", "X"]
+    # "CAT|DOG|" with the T heard more as an X: greedy says CAX, the lexicon + LM say CAT
+    e = emissions("CAT|DOG|", symbols, confusions={4: "X"})
+    n = torch.tensor([e.size(1)])
+    assert greedy_decode(e, n, symbols) == ["CAX DOG"]
+    assert BeamSearchDecoder(symbols, str(lm), beam=10).decode(e, n) == ["CAT DOG"]
+    # on the fine-tuned model: every word comes from the LM's vocabulary
+    from d2v_plugin.asr import SpeechRecognizer
+
+    digits_lm = tmp_path / "digits.arpa"
+    digits_lm.write_text("\\data\\\nngram 1=%d\nngram 2=1\n\n\\1-grams:\n-1.0\t<s>\t0\n-1.0\t</s>\n-1.0\t<unk>\n%s\n"
+                         "\\2-grams:\n-0.5\tONE TWO\n\n\\end\\\n"
+                         % (len(WORDS) + 3, "".join(f"-1.0\t{w}\t0\n" for w in WORDS)))
+    out, _ = finetuned
+    rec = SpeechRecognizer.from_checkpoint(str(out / "checkpoint_best.pt"), lm=str(digits_lm), beam=20)
+    paths = [str(digits / "wav" / f"valid_{i:03d}.wav") for i in range(3)]
+    texts = rec.transcribe(paths)
+    assert len(texts) == 3 and all(w in WORDS for t in texts for w in t.split()), texts
+
+
+@pytest.mark.parametrize("name", ["v2_audio", "v1_audio"])
+def test_finetune_from_meta_checkpoint(name, digits, tmp_path):
+    from d2v_plugin.asr import SpeechRecognizer
+    from d2v_plugin.checkpoints import read_checkpoint
+
+    ckpt = compat_dir() / f"{name}.checkpoint.pt"
+    hydra_train("finetuning/asr/tiny", f"task.data={digits}", f"model.model_path={ckpt}", f"checkpoint.save_dir={tmp_path}",
+                "optimization.max_update=2", "dataset.disable_validation=true")
+    saved = read_checkpoint(str(tmp_path / "checkpoint_last.pt"))["cfg"]["model"]
+    meta = read_checkpoint(str(ckpt))
+    meta_task = meta["cfg"]["task"] if meta.get("cfg") else vars(meta["args"])
+    assert saved["normalize"] == bool(meta_task["normalize"]) and saved["normalize"] is True
+    assert saved["pretrained_model_args"]["_name"] == {"v2_audio": "data2vec_multi", "v1_audio": "data2vec_audio"}[name]
+    texts = SpeechRecognizer.from_checkpoint(str(tmp_path / "checkpoint_last.pt")).transcribe([np.zeros(16000, np.float32)])
+    assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def _build(digits, model_path):
+    from omegaconf import OmegaConf
+
+    from d2v_plugin.models.finetuning.ctc import D2vCtcConfig, D2vCtcModel
+    from d2v_plugin.tasks.audio_finetuning import D2vAudioFinetuningConfig, D2vAudioFinetuningTask
+
+    task = D2vAudioFinetuningTask.setup_task(D2vAudioFinetuningConfig(data=str(digits)))
+    return D2vCtcModel.build_model(OmegaConf.structured(D2vCtcConfig(model_path=str(model_path))), task), task
+
+
+@pytest.mark.parametrize("name,modality", [("v2_text", "TEXT"), ("v2_image", "IMAGE")])
+def test_non_speech_checkpoint_is_refused(digits, name, modality):
+    with pytest.raises(ValueError, match=f"is a {modality} model; this task needs a AUDIO checkpoint"):
+        _build(digits, compat_dir() / f"{name}.checkpoint.pt")
+
+
+def test_bad_labels_and_manifest(digits, tmp_path):
+    from d2v_plugin.data.labelled_audio import LabelError
+    from d2v_plugin.tasks.audio_finetuning import D2vAudioFinetuningConfig, D2vAudioFinetuningTask
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in ("dict.ltr.txt", "valid.tsv"):
+        shutil.copy(digits / f, data / f)
+    task = D2vAudioFinetuningTask.setup_task(D2vAudioFinetuningConfig(data=str(data)))
+    lines = (digits / "valid.ltr").read_text().splitlines()
+    (data / "valid.ltr").write_text("\n".join(lines[:2] + ["Q U A C K |"] + lines[3:]) + "\n")
+    with pytest.raises(LabelError, match=r"valid.ltr: 4 symbol\(s\) missing from .*dict.ltr.txt: 'Q' \(first on line 3\), 'A'"):
+        task.load_dataset("valid")
+    (data / "valid.ltr").write_text("\n".join(lines) + "\n")
+    task.load_dataset("valid")  # the intact copy loads
+    rows = (data / "valid.tsv").read_text().splitlines()
+    path, n = rows[4].split("\t")
+    rows[4] = f"{path}\t{int(n) + 160}"
+    (data / "valid.tsv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(LabelError, match=rf"valid.tsv line 5: {path} has {n} samples but the manifest says {int(n) + 160}"):
+        task.load_dataset("valid")
