@@ -236,3 +236,59 @@ def test_bad_labels_and_manifest(digits, tmp_path):
     (data / "valid.tsv").write_text("\n".join(rows) + "\n")
     with pytest.raises(LabelError, match=rf"valid.tsv line 5: {path} has {n} samples but the manifest says {int(n) + 160}"):
         task.load_dataset("valid")
+
+
+def test_normalize_and_error_counts():
+    import jiwer
+    import torch.nn.functional as F
+
+    from d2v_plugin.criteria.ctc import error_counts
+    from d2v_plugin.models.finetuning.ctc import normalize_waveforms
+
+    wavs = [torch.randn(700) * 3 + 1, torch.randn(400) * 0.1 - 2]
+    source = torch.zeros(2, 700)
+    pad = torch.ones(2, 700, dtype=torch.bool)
+    for i, w in enumerate(wavs):
+        source[i, : len(w)], pad[i, : len(w)] = w, False
+    out = normalize_waveforms(source, pad)
+    for i, w in enumerate(wavs):  # what Meta's datasets do to each unpadded file
+        torch.testing.assert_close(out[i, : len(w)], F.layer_norm(w, w.shape), atol=1e-4, rtol=1e-4)
+    assert out[1, 400:].abs().max() == 0
+    refs, hyps = ["ONE TWO THREE", "FOUR FIVE"], ["ONE TOO THREE SIX", "FIVE"]
+    w, wn, c, cn = error_counts(refs, hyps)
+    assert w / wn == pytest.approx(jiwer.wer(refs, hyps)) and c / cn == pytest.approx(jiwer.cer(refs, hyps))
+
+
+def test_recipe_mechanics(digits):
+    """Frozen feature extractor, encoder frozen for freeze_finetune_updates, masking only in training."""
+    from omegaconf import OmegaConf
+
+    from d2v_plugin.models.finetuning.ctc import D2vCtcConfig, D2vCtcModel
+    from d2v_plugin.tasks.audio_finetuning import D2vAudioFinetuningConfig, D2vAudioFinetuningTask
+
+    task = D2vAudioFinetuningTask.setup_task(D2vAudioFinetuningConfig(data=str(digits)))
+    cfg = OmegaConf.structured(D2vCtcConfig(model_path=str(compat_dir() / "v2_audio.checkpoint.pt"), freeze_finetune_updates=5,
+                                            mask_prob=0.5, mask_channel_prob=0.0, layerdrop=0.0))
+    model = D2vCtcModel.build_model(cfg, task)
+    assert model.cfg.normalize is True
+    source = torch.randn(2, 16000)
+
+    def grads(update):
+        model.zero_grad(set_to_none=True)
+        model.set_num_updates(update)
+        model(source)["logits"].sum().backward()
+        return {n: p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()}
+
+    model.train()
+    g = grads(0)
+    assert g["head.weight"] and not any(v for n, v in g.items() if n.startswith("encoder."))
+    g = grads(5)
+    assert g["encoder.blocks.0.mlp.fc1.weight"] and not any(g[n] for n in g if ".local_encoder." in n)
+    model.eval()
+    a, b = model(source)["logits"], model(source)["logits"]
+    torch.testing.assert_close(a, b)
+    model.train()
+    for m in model.modules():  # no dropout: only the masking differs between train and eval
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    assert not torch.allclose(model(source)["logits"], a, atol=1e-3)  # masked in training
