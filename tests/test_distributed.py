@@ -188,3 +188,19 @@ def test_every_rank_holds_the_same_teacher(runs, modality):
     saved = torch.load(two / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]["_ema"]
     for k, v in saved.items():
         assert torch.equal(v, rank0["_ema"][k]), f"{modality}: checkpoint teacher {k} is not rank 0's"
+
+
+def test_layerdrop_under_pytorch_ddp():
+    """Speech models with layerdrop (2.0 ``layerdrop``, 1.0 ``encoder_layerdrop``) train under
+    PyTorch's DDP without find_unused_parameters (what ddp_backend=c10d builds): a skipped
+    block still takes part in the graph with weight 0. Without that, DDP stops on the step
+    after a skip ("Expected to have finished reduction in the prior iteration ...")."""
+    import re
+
+    from helpers import BIN, run
+
+    proc = run([BIN / "torchrun", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                REPO / "tests" / "ddp_layerdrop_child.py"], timeout=300)
+    skipped = {(int(r), m): int(n) for r, m, n in re.findall(r"rank (\d) (v\d): skipped blocks: (\d+)", proc.stdout)}
+    assert set(skipped) == {(0, "v2"), (1, "v2"), (0, "v1"), (1, "v1")}, proc.stdout[-3000:]
+    assert all(n > 0 for n in skipped.values()), f"no block was skipped, nothing tested: {skipped}"

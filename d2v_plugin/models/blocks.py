@@ -170,6 +170,21 @@ class Block(nn.Module):
         return x, (ffn if self.ffn_targets else x)
 
 
+def skip_block(x: torch.Tensor, blk: nn.Module) -> torch.Tensor:
+    """``x`` past a block that layerdrop skips. In distributed training the block's parameters
+    still enter the graph with weight 0, so their gradient is 0 (what fairseq's legacy_ddp fills
+    in for a missing gradient) and PyTorch's DDP (ddp_backend=c10d) finds every parameter used,
+    instead of stopping at the next step with its unused-parameter error. A single process
+    leaves the block's gradients empty, as before."""
+    if not (torch.is_grad_enabled() and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return x
+    params = [p for p in blk.parameters() if p.requires_grad]
+    if not params:
+        return x
+    return x + 0.0 * sum(p.sum() for p in params).to(x.dtype)
+
+
 def set_activation_checkpointing(model: nn.Module, enabled: bool) -> int:
     """Turn activation checkpointing on or off in every :class:`Block` of ``model``; return
     how many blocks there are. A teacher copied from the student later inherits the flag, but
@@ -200,6 +215,7 @@ class BlockStack(nn.Module):
         x = self.dropout(x)
         for i, blk in enumerate(self.blocks):
             if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
+                x = skip_block(x, blk)
                 continue
             x, _ = blk(x, padding_mask, scaled_alibi(alibi_bias, alibi_scale, i))
         if self.norm is not None and self.layer_norm_first:
@@ -215,6 +231,7 @@ def run_stack(blocks, x, padding_mask=None, attn_bias=None, collect: Optional[st
     collected = []
     for blk in blocks:
         if training and layerdrop > 0 and torch.rand(()) < layerdrop:
+            x = skip_block(x, blk)
             continue
         x, t = blk(x, padding_mask, attn_bias)
         if collect is not None:

@@ -17,7 +17,7 @@ from omegaconf import II, OmegaConf
 
 from ..encoder import EncoderOutput
 from .architectures import Architecture, register_architecture
-from .blocks import Block, scaled_alibi, set_activation_checkpointing
+from .blocks import Block, scaled_alibi, set_activation_checkpointing, skip_block
 from .ema import EMATeacher
 from .loss import RepresentationCollapse, regression_loss  # noqa: F401  (RepresentationCollapse: public here)
 from .masking import MaskSeed
@@ -217,6 +217,7 @@ class Data2VecMultiModel(TeacherMixin, BaseFairseqModel):
         collected = []
         for i, blk in enumerate(blocks):
             if layerdrop and self.training and self.cfg.layerdrop > 0 and np.random.random() < self.cfg.layerdrop:
+                x = skip_block(x, blk)
                 continue
             ab = scaled_alibi(enc_out["alibi_bias"], enc_out["alibi_scale"], i)
             x, t = blk(x, enc_out["padding_mask"], ab)
