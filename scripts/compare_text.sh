@@ -10,6 +10,7 @@ source "$SCRIPT_DIR/lib/common.sh"
 die() { echo "compare_text.sh: $*" >&2; exit 1; }
 
 d2v_find_hydra_train
-"$PYTHON" -c "import d2v_plugin" 2>/dev/null \
-    || die "d2v_plugin is not importable with '$PYTHON'; install it first: pip install -e $(d2v_repo_dir "$SCRIPT_DIR")"
+if ! err="$("$PYTHON" -c "import d2v_plugin" 2>&1 >/dev/null)"; then
+    die "d2v_plugin is not importable with '$PYTHON' ($(tail -n 1 <<<"$err")); install it with: pip install -e $(d2v_repo_dir "$SCRIPT_DIR")"
+fi
 exec "$PYTHON" -m d2v_plugin.compare.run "$@"

@@ -17,6 +17,7 @@ Every finished run leaves ``done.json`` in its directory and is reused on a re-r
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -114,15 +115,14 @@ def hydra_train(run_dir: Path, config: str, overrides, max_update: int, args, wh
 
 def prepare_corpus(args):
     """Binarize the pretraining corpus (``d2v_plugin.prep.text`` skips what it has done)."""
+    from d2v_plugin.prep import text
+
     data = args.out / "data"
-    cmd = [sys.executable, "-m", "d2v_plugin.prep.text", "--out", str(data),
-           "--vocab-size", str(args.vocab_size), "--workers", str(args.workers)]
-    cmd += [str(args.corpus)] if args.corpus else ["--default-corpus"]
     say(f"corpus: {args.corpus or 'the embedded default corpus (Python documentation)'} -> {data}/bin")
-    with open(args.out / "prep.log", "a", encoding="utf-8") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(args.threads)).returncode
-    if rc != 0:
-        raise CompareError(f"corpus preparation failed (exit {rc}); see {args.out / 'prep.log'}")
+    try:
+        text.prepare_text(args.corpus, data, vocab_size=args.vocab_size, workers=args.workers)
+    except text.PrepError as e:
+        raise CompareError(f"corpus preparation: {e}") from e
     return data
 
 
@@ -222,6 +222,23 @@ def finetune(arm, checkpoint, task_dir, num_classes, seed, args):
     return logs.best_validation(log_path, METRIC)["value"], log_path
 
 
+def run_arm(arm, data, tasks, args):
+    """Pretrain ``arm`` and fine-tune it on every task and seed; its entry of results.json."""
+    spec = ARMS[arm]
+    run_dir = args.out / "pretrain" / arm
+    overrides = [f"task.data={data / 'bin'}", f"common.seed={args.pretrain_seed}",
+                 *spec["overrides"], *args.pretrain_override]
+    log_path = hydra_train(run_dir, spec["config"], overrides, args.updates, args, f"pretrain {arm}")
+    checkpoint = run_dir / "checkpoint_last.pt"
+    entry = {"label": spec["label"], "log": str(log_path), **logs.pretraining_summary(log_path), "tasks": {}}
+    for name, (task_dir, num_classes, _) in tasks.items():
+        entry["tasks"][name] = {}
+        for seed in args.seeds:
+            value, ft_log = finetune(arm, checkpoint, task_dir, num_classes, seed, args)
+            entry["tasks"][name][str(seed)] = {"value": value, "log": str(ft_log)}
+    return entry
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
@@ -250,20 +267,10 @@ def _main(args):
 
     results = {"arms": {}, "tasks": list(tasks), "metric": METRIC, "seeds": args.seeds,
                "pretrain_seed": args.pretrain_seed, "finetune_updates": args.finetune_updates}
-    for arm in args.arms:
-        spec = ARMS[arm]
-        run_dir = args.out / "pretrain" / arm
-        overrides = [f"task.data={data / 'bin'}", f"common.seed={args.pretrain_seed}",
-                     *spec["overrides"], *args.pretrain_override]
-        log_path = hydra_train(run_dir, spec["config"], overrides, args.updates, args, f"pretrain {arm}")
-        checkpoint = run_dir / "checkpoint_last.pt"
-        entry = {"label": spec["label"], "log": str(log_path), **logs.pretraining_summary(log_path), "tasks": {}}
-        for name, (task_dir, num_classes, _) in tasks.items():
-            entry["tasks"][name] = {}
-            for seed in args.seeds:
-                value, ft_log = finetune(arm, checkpoint, task_dir, num_classes, seed, args)
-                entry["tasks"][name][str(seed)] = {"value": value, "log": str(ft_log)}
-        results["arms"][arm] = entry
+    # each arm (pretraining, then its fine-tunings) runs on its own; --jobs of them at a time
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        entries = list(pool.map(lambda arm: run_arm(arm, data, tasks, args), args.arms))
+    results["arms"] = dict(zip(args.arms, entries))
 
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     md = report.write_markdown(results, args.out / "comparison.md")
@@ -313,6 +320,9 @@ def get_parser():
     p.add_argument("--vocab-size", type=int, default=4000, help="sentencepiece vocabulary of the corpus")
     p.add_argument("--workers", type=int, default=2, help="processes for corpus preparation")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the training runs (0: unset)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="arms trained at the same time (each arm's runs stay in order); on a CPU, at most "
+                   "the number of cores, with --threads 1")
     p.add_argument("--gpu", action="store_true", help="train on the GPU (common.cpu=false); default: CPU")
     p.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
                    help="hydra override for every pretraining run (repeatable), e.g. dataset.batch_size=16")
