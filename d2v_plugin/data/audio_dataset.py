@@ -8,6 +8,7 @@ file: ``relative/path<TAB>num_samples``. Files must be mono at the task's sample
 import logging
 import math
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -38,6 +39,27 @@ class ManifestRow:
     path: str  # relative to the manifest's root
     num_samples: int
     line: int  # 1-based line number in the manifest
+
+
+class ManifestRows(Sequence):
+    """Manifest rows kept as three numpy arrays (paths as UTF-8 bytes, sample counts, line
+    numbers) instead of one Python object per row: a manifest of millions of files costs tens
+    of bytes per row, and forked data-loader workers share these pages instead of copying them
+    as they touch per-row objects' reference counts over an epoch. Indexing gives a ManifestRow.
+    """
+
+    def __init__(self, rows: Sequence[ManifestRow]):
+        self.paths = np.array([r.path.encode("utf-8") for r in rows], dtype=bytes)
+        self.num_samples = np.array([r.num_samples for r in rows], dtype=np.int64)
+        self.lines = np.array([r.line for r in rows], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, index) -> ManifestRow:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return ManifestRow(self.paths[index].decode("utf-8"), int(self.num_samples[index]), int(self.lines[index]))
 
 
 def read_manifest(manifest: str) -> Tuple[str, List[ManifestRow]]:
@@ -174,8 +196,8 @@ class AudioManifestDataset(FairseqDataset):
         if too_short:
             logger.info(f"{manifest}: skipped {len(too_short)} files shorter than min_sample_size={self.min_sample_size} samples")
         rows = [r for r in rows if r.num_samples >= self.min_sample_size]
-        self.rows = rows
-        self._sizes = np.array([r.num_samples for r in rows], dtype=np.int64)
+        self.rows = ManifestRows(rows)
+        self._sizes = self.rows.num_samples
         logger.info(f"{manifest}: {len(rows)} files, {self._sizes.sum() / sample_rate / 3600:.2f} hours")
 
     # ---- loading -------------------------------------------------------------------
