@@ -201,7 +201,10 @@ def remove_stale_temporaries(save_dir: str) -> None:
         return
     for name in os.listdir(save_dir):
         if TMP_MARK in name and name.startswith("."):
-            os.remove(os.path.join(save_dir, name))
+            try:
+                os.remove(os.path.join(save_dir, name))
+            except FileNotFoundError:  # another rank removed it first
+                continue
             logger.info(f"removed {name} in {save_dir}: the temporary file of an interrupted checkpoint write")
 
 
