@@ -42,7 +42,7 @@ def test_simple_log_parsed_as_logged(runs):
     _, simple_dir = runs
     parsed = read_run(str(simple_dir))
     assert parsed.format == "simple" and parsed.name == "simple_run"
-    assert parsed.config == {"min_target_var": 2.0, "min_pred_var": 0.01}  # the run's config
+    assert parsed.config == {"min_target_var": 2.0, "min_pred_var": 0.01, "collapse_check_start": 5000}  # the run's config
     logged = train_log((simple_dir / "hydra" / "hydra_train.log").read_text())
     assert [int(r["num_updates"]) for r in logged] == list(range(1, UPDATES + 1))
     for key in OUR_KEYS + ("lr_default", "wps", "ups"):
@@ -144,7 +144,8 @@ def test_cli_png_html_and_summary(runs, tmp_path):
     out, html = tmp_path / "report.png", tmp_path / "report.html"
     proc = run([BIN / "d2v-plot", json_dir, simple_dir / "hydra" / "hydra_train.log", "--out", out, "--html", html])
     assert f"wrote {out}" in proc.stdout and f"wrote {html}" in proc.stdout
-    assert "WARNING: target_var fell below min_target_var = 2 at update 1" in proc.stdout
+    assert ("note: target_var was below min_target_var = 2 at update 1, before model.collapse_check_start = 5000"
+            in proc.stdout)
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size == (1560, 1020)
     page = html.read_text()
@@ -172,8 +173,9 @@ def test_default_thresholds_are_the_models():
 
     from d2v_plugin.models.data2vec2 import Data2VecMultiConfig
     from d2v_plugin.models.v1.base import Data2VecV1CommonConfig
-    from d2v_plugin.monitor.plot import DEFAULT_THRESHOLDS
+    from d2v_plugin.monitor.plot import DEFAULT_COLLAPSE_CHECK_START, DEFAULT_THRESHOLDS
 
     for config in (Data2VecMultiConfig, Data2VecV1CommonConfig):
         defaults = {f.name: f.default for f in fields(config)}
         assert {k: defaults[k] for k in DEFAULT_THRESHOLDS} == DEFAULT_THRESHOLDS
+        assert defaults["collapse_check_start"] == DEFAULT_COLLAPSE_CHECK_START

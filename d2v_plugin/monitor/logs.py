@@ -29,6 +29,9 @@ TRAIN, VALID = "train_inner", "valid"
 
 Series = Dict[str, List[Tuple[int, float]]]
 
+#: the model config fields a run's plot uses: the collapse thresholds and the update they apply from
+CONFIG_KEYS = ("min_target_var", "min_pred_var", "collapse_check_start")
+
 
 class RunError(ValueError):
     """A run that cannot be read; the message names the path and what was expected."""
@@ -188,10 +191,10 @@ def _hydra_config(log_dir: Path) -> Dict[str, float]:
         model = OmegaConf.to_container(OmegaConf.load(path), resolve=False).get("model") or {}
     except Exception:
         return {}
-    return {k: float(model[k]) for k in ("min_target_var", "min_pred_var") if _number(model.get(k)) is not None}
+    return {k: float(model[k]) for k in CONFIG_KEYS if _number(model.get(k)) is not None}
 
 
-_CONFIG_LINE = re.compile(r"'min_(target|pred)_var': ([-+0-9.eE]+)")
+_CONFIG_LINE = re.compile(r"'(min_target_var|min_pred_var|collapse_check_start)': ([-+0-9.eE]+)")
 
 
 def _logged_config(path: Path) -> Dict[str, float]:
@@ -200,8 +203,8 @@ def _logged_config(path: Path) -> Dict[str, float]:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             for _, line in zip(range(2000), f):
-                for which, value in _CONFIG_LINE.findall(line):
-                    out.setdefault(f"min_{which}_var", float(ast.literal_eval(value)))
+                for key, value in _CONFIG_LINE.findall(line):
+                    out.setdefault(key, float(ast.literal_eval(value)))
     except (OSError, ValueError, SyntaxError):
         return {}
     return out

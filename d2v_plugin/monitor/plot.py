@@ -20,6 +20,7 @@ from .logs import Run, RunError, read_run
 #: the model configs' defaults (d2v_plugin/models/data2vec2.py and models/v1/base.py), used
 #: when a run does not record its own
 DEFAULT_THRESHOLDS = {"min_target_var": 0.1, "min_pred_var": 0.01}
+DEFAULT_COLLAPSE_CHECK_START = 5000
 
 
 @dataclass(frozen=True)
@@ -205,11 +206,17 @@ def summary(run: Run, overrides: Dict[str, Optional[float]]) -> str:
     if last:
         lines.append("  last: " + ", ".join(last))
     limits = thresholds(run, overrides)
+    start = int(run.config.get("collapse_check_start", DEFAULT_COLLAPSE_CHECK_START))
     for key, name in (("target_var", "min_target_var"), ("pred_var", "min_pred_var")):
         below = crossings(run.train.get(key, []), limits[name])
-        if below:
+        early = [s for s, _ in below if s < start]
+        late = [s for s, _ in below if s >= start]
+        if late:
             lines.append(f"  WARNING: {key} fell below {name} = {limits[name]:g} at update "
-                         + ", ".join(str(s) for s, _ in below) + " (representation collapse?)")
+                         + ", ".join(map(str, late)) + " (representation collapse?)")
+        if early:
+            lines.append(f"  note: {key} was below {name} = {limits[name]:g} at update " + ", ".join(map(str, early))
+                         + f", before model.collapse_check_start = {start} (the model does not check it yet)")
     return "\n".join(lines)
 
 
