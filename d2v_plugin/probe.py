@@ -164,7 +164,8 @@ def speech_examples(data: Path, label: str, group: str) -> Tuple[Examples, Examp
     return train, valid
 
 
-def text_examples(data: Path, encoder, seed: int, spm_path: Optional[str], dict_path: Optional[str]) -> Tuple[Examples, Examples]:
+def text_examples(data: Path, limit: int, seed: int, spm_path: Optional[str], dict_path: Optional[str]) -> Tuple[Examples, Examples]:
+    """topic_task's paragraphs as ``<s> pieces </s>`` ids of the model's dictionary, cut to ``limit`` positions."""
     import sentencepiece as spm
 
     from .prep.text_tasks import topic_task
@@ -177,7 +178,6 @@ def text_examples(data: Path, encoder, seed: int, spm_path: Optional[str], dict_
             raise ProbeError(f"{f} does not exist (text: --data is the quick start's work directory, or pass {flag})")
     sp = spm.SentencePieceProcessor(model_file=str(spm_file))
     dictionary = load_text_dictionary(str(dict_file))
-    limit = encoder.model.max_positions() or 512
 
     def encode(pairs):
         ids = []
@@ -225,7 +225,8 @@ def run_probe(args) -> Dict[str, object]:
     elif modality == "AUDIO":
         (train, valid), pad = speech_examples(data, args.label, args.group), 0.0
     else:
-        (train, valid), pad = text_examples(data, encoder, args.seed, args.spm, args.dict), 1  # fairseq's <pad>
+        limit = encoder.model.max_positions() or 512
+        (train, valid), pad = text_examples(data, limit, args.seed, args.spm, args.dict), 1  # fairseq's <pad>
     rng = np.random.default_rng(args.seed)
     train, valid = _subsample(train, args.max_train, rng), _subsample(valid, args.max_eval, rng)
     if len(set(train[1])) < 2:

@@ -125,3 +125,27 @@ def test_every_flag_has_help():
 
     actions = [a for a in build_parser()._actions if a.dest != "help"]
     assert actions and all(a.help for a in actions)
+
+
+def test_text_examples_are_the_topic_task_tokenized(tmp_path):
+    import sentencepiece as spm
+
+    from d2v_plugin.prep.text_tasks import topic_task
+    from d2v_plugin.probe import ProbeError, text_examples
+
+    train, valid = topic_task(seed=0)
+    (tmp_path / "corpus.txt").write_text("\n".join(t for t, _ in train + valid) + "\n")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spm"),
+                                   vocab_size=300, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not sp.is_control(i) and not sp.is_unknown(i)]
+    (tmp_path / "dict.txt").write_text("".join(f"{p} 1\n" for p in pieces))
+    (tr_ids, tr_y), (va_ids, va_y) = text_examples(tmp_path, 16, 0, None, None)
+    assert tr_y == [str(lab) for _, lab in train] and va_y == [str(lab) for _, lab in valid]
+    first = tr_ids[0].tolist()
+    assert first[0] == 0 and first[-1] == 2 and len(first) == 16  # <s> ... </s>, cut to 16 positions
+    # fairseq's dictionary: 4 specials, then dict.txt's pieces in order
+    assert [pieces[i - 4] for i in first[1:-1]] == sp.encode(train[0][0], out_type=str)[:14]
+    (tmp_path / "dict.txt").unlink()
+    with pytest.raises(ProbeError, match="dict.txt does not exist"):
+        text_examples(tmp_path, 16, 0, None, None)
