@@ -122,7 +122,7 @@ def test_transcribe_matches_validation(digits, finetuned):
 
 
 ARPA = """\\data\\
-ngram 1=5
+ngram 1=6
 ngram 2=2
 
 \\1-grams:
@@ -130,6 +130,7 @@ ngram 2=2
 -0.5\t</s>
 -0.7\tCAT\t-0.3
 -0.7\tDOG\t-0.3
+-3.0\tCAX\t-0.3
 -9.0\t<unk>
 
 \\2-grams:
@@ -156,19 +157,25 @@ def emissions(spelling, symbols, confusions=None):
     return torch.log(lp / lp.sum(-1, keepdim=True)).unsqueeze(0)
 
 
-def test_lm_decoding(tmp_path, finetuned, digits):
+def test_lm_decoding(tmp_path):
     pytest.importorskip("flashlight.lib.text.decoder.kenlm", reason="flashlight-text (the asr extra) is not installed")
     from d2v_plugin.asr.decoding import BeamSearchDecoder, greedy_decode
 
     lm = tmp_path / "lm.arpa"
     lm.write_text(ARPA)
     symbols = ["<s>", "<pad>", "</s>", "<unk>", "|", "A", "C", "D", "G", "O", "T", "X"]
-    # "CAT|DOG|" with the T heard more as an X: greedy says CAX, the lexicon + LM say CAT
+    # "CAT|DOG|" with the T heard more as an X: greedy says CAX; both are words of the LM,
+    # which makes CAT far likelier: beam search with the LM says CAT, without it (weight 0) CAX
     e = emissions("CAT|DOG|", symbols, confusions={4: "X"})
     n = torch.tensor([e.size(1)])
     assert greedy_decode(e, n, symbols) == ["CAX DOG"]
     assert BeamSearchDecoder(symbols, str(lm), beam=10).decode(e, n) == ["CAT DOG"]
-    # on the fine-tuned model: every word comes from the LM's vocabulary
+    assert BeamSearchDecoder(symbols, str(lm), beam=10, lm_weight=0.0, word_score=0.0).decode(e, n) == ["CAX DOG"]
+
+
+def test_lm_decoding_of_finetuned_model(tmp_path, finetuned, digits):
+    """On the fine-tuned model every word comes from the LM's vocabulary."""
+    pytest.importorskip("flashlight.lib.text.decoder.kenlm", reason="flashlight-text (the asr extra) is not installed")
     from d2v_plugin.asr import SpeechRecognizer
 
     digits_lm = tmp_path / "digits.arpa"
