@@ -3,8 +3,8 @@
 One panel per statistic against the update count: the training loss, ``target_var`` and
 ``pred_var`` (with the collapse thresholds ``min_target_var`` / ``min_pred_var`` drawn and
 every crossing below them marked), ``local_var`` (the modality encoder's output, when the
-log has it), ``ema_decay``, the learning rate, ``masked_pct``, the throughput (words/s, or
-updates/s when words are not counted) and the validation loss. Several runs overlay, one
+log has it), ``ema_decay``, the learning rate, ``masked_pct``, the throughput (``wps``: the
+task's ntokens per second, or ``ups``: updates/s) and the validation loss. Several runs overlay, one
 colour each. RUN is a save directory, a training log (fairseq json or simple format) or a
 tensorboard log directory (see :mod:`d2v_plugin.monitor.logs`).
 """
