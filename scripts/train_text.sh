@@ -105,12 +105,12 @@ fi
 ARGS=("task.data=$(cd "$DATA" && pwd)" "checkpoint.save_dir=$SAVE_DIR")
 if [[ "$GPUS" == "0" ]]; then
   d2v_setup_launch ARGS "$CPU_PROCS" 1
-  d2v_add_cpu_args ARGS "$UPDATE_FREQ"
+  d2v_add_cpu_args ARGS "$UPDATE_FREQ" "$WORLD_SIZE_ARG"
 else
   d2v_setup_launch ARGS "$GPUS" 0
   # the base recipe's batch: 16 GPUs
   if [[ -z "$UPDATE_FREQ" ]]; then UPDATE_FREQ="$(d2v_default_update_freq 16 "$WORLD_SIZE_ARG")"; fi
-  d2v_add_gpu_args ARGS "$UPDATE_FREQ"
+  d2v_add_gpu_args ARGS "$WORLD_SIZE_ARG" "$UPDATE_FREQ"
 fi
 [[ -n "$MAX_UPDATE" ]] && ARGS+=("optimization.max_update=$MAX_UPDATE")
 

@@ -136,8 +136,9 @@ d2v_check_launch_args() {
 }
 
 # d2v_setup_launch ARRAY PROCS_PER_NODE CPU: pick the launcher, set LAUNCH (the command prefix:
-# empty, or torchrun's) and WORLD_SIZE_ARG (nodes x PROCS_PER_NODE), and append to the array
-# named ARRAY the distributed_training.* overrides of that launch. CPU=1: the processes train on
+# empty, or torchrun's) and WORLD_SIZE_ARG (nodes x PROCS_PER_NODE, for d2v_add_cpu_args /
+# d2v_add_gpu_args), and append to the array named ARRAY the other distributed_training.*
+# overrides of that launch. CPU=1: the processes train on
 # the CPU (gloo, and legacy_ddp: fairseq's c10d wrapper needs a GPU).
 d2v_setup_launch() {
     local -n d2v_launch_out="$1"
@@ -159,7 +160,6 @@ d2v_setup_launch() {
     WORLD_SIZE_ARG=$(( nodes * procs ))
     local port="${D2V_MASTER_PORT:-${MASTER_PORT:-29500}}"
     LAUNCH=()
-    d2v_launch_out+=("distributed_training.distributed_world_size=$WORLD_SIZE_ARG")
     case "$launcher" in
         torchrun)
             local addr="${D2V_MASTER_ADDR:-${MASTER_ADDR:-}}" rank="${D2V_NODE_RANK:-${NODE_RANK:-0}}"
@@ -227,22 +227,22 @@ d2v_default_update_freq() {
 
 # ---- fairseq-hydra-train arguments and runs ------------------------------------------
 
-# d2v_add_cpu_args ARRAY UPDATE_FREQ: append to the array named ARRAY the hydra overrides of a
-# CPU run, and optimization.update_freq when UPDATE_FREQ is not empty (the number of processes:
-# d2v_setup_launch).
+# d2v_add_cpu_args ARRAY UPDATE_FREQ [WORLD_SIZE]: append to the array named ARRAY the hydra
+# overrides of a CPU run of WORLD_SIZE processes (default 1; more: see d2v_setup_launch), and
+# optimization.update_freq when UPDATE_FREQ is not empty.
 d2v_add_cpu_args() {
     local -n d2v_cpu_args_out="$1"
-    d2v_cpu_args_out+=(common.cpu=true common.fp16=false)
+    d2v_cpu_args_out+=(common.cpu=true common.fp16=false "distributed_training.distributed_world_size=${3:-1}")
     if [[ -n "$2" ]]; then
         d2v_cpu_args_out+=("optimization.update_freq=[$2]")
     fi
 }
 
-# d2v_add_gpu_args ARRAY UPDATE_FREQ: append to the array named ARRAY the hydra overrides of
-# a GPU run with UPDATE_FREQ gradient accumulation steps (the number of GPUs: d2v_setup_launch).
+# d2v_add_gpu_args ARRAY GPUS UPDATE_FREQ: append to the array named ARRAY the hydra overrides of
+# a run on GPUS GPUs in all (the world size) with UPDATE_FREQ gradient accumulation steps.
 d2v_add_gpu_args() {
     local -n d2v_gpu_args_out="$1"
-    d2v_gpu_args_out+=(common.cpu=false "optimization.update_freq=[$2]")
+    d2v_gpu_args_out+=("distributed_training.distributed_world_size=$2" "optimization.update_freq=[$3]")
 }
 
 # d2v_log_resume SAVE_DIR [LOG_FUNCTION]: when SAVE_DIR holds checkpoint_last.pt (which
@@ -288,12 +288,14 @@ d2v_add_pretrain_device_args() {
     local array="$1" recipe_gpus="$2"
     if [[ $CPU -eq 1 ]]; then
         d2v_setup_launch "$array" "${GPUS:-1}" 1
-        d2v_add_cpu_args "$array" "$UPDATE_FREQ"
+        d2v_add_cpu_args "$array" "$UPDATE_FREQ" "$WORLD_SIZE_ARG"
         log "training $CONFIG on the CPU ($WORLD_SIZE_ARG process(es))"
     else
         d2v_setup_launch "$array" "$GPUS" 0
         UPDATE_FREQ="${UPDATE_FREQ:-$(d2v_default_update_freq "$recipe_gpus" "$WORLD_SIZE_ARG")}"
-        d2v_add_gpu_args "$array" "$UPDATE_FREQ"
+        local -n d2v_device_args_out="$array"
+        d2v_device_args_out+=(common.cpu=false)
+        d2v_add_gpu_args "$array" "$WORLD_SIZE_ARG" "$UPDATE_FREQ"
         log "training $CONFIG on $WORLD_SIZE_ARG GPU(s), update_freq $UPDATE_FREQ"
     fi
 }
