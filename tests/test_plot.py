@@ -1,6 +1,6 @@
-"""d2v-plot on real logs of two tiny text runs (fairseq-hydra-train, a few updates each):
-one in fairseq's json format that also logs to tensorboard and validates, one in the simple
-format with its own collapse threshold. What is parsed must equal what the log holds, the
+"""d2v-plot on real logs of two tiny runs (fairseq-hydra-train, a few updates each): text in
+fairseq's json format, also logging to tensorboard and validating, and images in the simple
+format with its own collapse threshold (the run tests/test_probe.py probes). What is parsed must equal what the log holds, the
 tensorboard event files must hold our statistics, and the figure must show each run, the
 thresholds and the crossings below them."""
 
@@ -10,25 +10,22 @@ import re
 import pytest
 
 from helpers import BIN, hydra_train, run, train_log
+from test_probe import IMAGE_RUN_UPDATES, image_run
 
-UPDATES = 6
+UPDATES = IMAGE_RUN_UPDATES
 OUR_KEYS = ("loss", "target_var", "pred_var", "ema_decay", "masked_pct", "local_var")
 
 
 @pytest.fixture(scope="session")
 def runs(text_bin, tmp_path_factory):
-    """Save dirs of the json + tensorboard run and of the simple-format run."""
-    root = tmp_path_factory.mktemp("plot_runs")
-    common = [f"task.data={text_bin}", f"optimization.max_update={UPDATES}", "common.log_interval=1",
-              "checkpoint.no_save=true"]
-    json_dir, simple_dir = root / "json_run", root / "simple_run"
-    hydra_train("pretraining/text_tiny", *common, f"checkpoint.save_dir={json_dir}", "common.log_format=json",
-                f"common.tensorboard_logdir={json_dir / 'tb'}", "dataset.disable_validation=false",
-                "dataset.validate_interval_updates=3", "+dataset.max_valid_steps=1")
-    # a threshold above the run's target_var (the check starts at update 5000: training goes on)
-    hydra_train("pretraining/text_tiny", *common, f"checkpoint.save_dir={simple_dir}", "common.log_format=simple",
-                "+model.min_target_var=2.0", "common.seed=2")
-    return json_dir, simple_dir
+    """Save dirs of the json + tensorboard text run and of the simple-format image run."""
+    json_dir = tmp_path_factory.mktemp("plot_runs") / "json_run"
+    hydra_train("pretraining/text_tiny", f"task.data={text_bin}", f"optimization.max_update={UPDATES}",
+                "common.log_interval=1", "checkpoint.no_save=true", f"checkpoint.save_dir={json_dir}",
+                "common.log_format=json", f"common.tensorboard_logdir={json_dir / 'tb'}",
+                "dataset.disable_validation=false", "dataset.validate_interval_updates=3", "+dataset.max_valid_steps=1")
+    # shared with tests/test_probe.py (trained once per session)
+    return json_dir, image_run(tmp_path_factory)[1]
 
 
 def _log_lines(log_path, tag):
@@ -41,8 +38,8 @@ def test_simple_log_parsed_as_logged(runs):
 
     _, simple_dir = runs
     parsed = read_run(str(simple_dir))
-    assert parsed.format == "simple" and parsed.name == "simple_run"
-    assert parsed.config == {"min_target_var": 2.0, "min_pred_var": 0.01, "collapse_check_start": 5000}  # the run's config
+    assert parsed.format == "simple" and parsed.name == "image_run"
+    assert parsed.config == {"min_target_var": 2.0, "min_pred_var": 0.0, "collapse_check_start": 5000}  # image_tiny + override
     logged = train_log((simple_dir / "hydra" / "hydra_train.log").read_text())
     assert [int(r["num_updates"]) for r in logged] == list(range(1, UPDATES + 1))
     for key in OUR_KEYS + ("lr_default", "wps", "ups"):
@@ -149,7 +146,7 @@ def test_cli_png_html_and_summary(runs, tmp_path):
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size == (1560, 1020)
     page = html.read_text()
-    assert "plotly" in page and '"name":"json_run"' in page and '"name":"simple_run"' in page
+    assert "plotly" in page and '"name":"json_run"' in page and '"name":"image_run"' in page
 
 
 def test_clear_errors(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""python -m d2v_plugin.probe on a tiny image checkpoint (image_tiny trained 2 updates on a
+"""python -m d2v_plugin.probe on a tiny image checkpoint (image_tiny trained 6 updates on a
 few digits through fairseq-hydra-train): the printed accuracies are what scikit-learn's
 logistic regression gives on mean-pooled features computed here independently, from the
 pretrained encoder and from an untrained one of the same architecture; the speech data
@@ -13,28 +13,44 @@ import pytest
 from helpers import hydra_train
 
 
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory):
-    """150 of scikit-learn's digits as a 32 px ImageFolder: every 5th image in val/."""
+def write_digits(root):
+    """150 of scikit-learn's digits as a 32 px ImageFolder in ``root``: every 5th image in val/."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    root = tmp_path_factory.mktemp("probe_digits")
     d = load_digits()
     for i, (image, label) in enumerate(zip(d.images[:150], d.target[:150])):
         folder = root / ("val" if i % 5 == 0 else "train") / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         gray = Image.fromarray((image * (255.0 / 16.0)).astype(np.uint8))
         gray.resize((32, 32), Image.BICUBIC).convert("RGB").save(folder / f"{i:04d}.png")
-    return root
+
+
+IMAGE_RUN_UPDATES = 6
+
+
+def image_run(tmp_path_factory):
+    """(digits folder, save dir) of image_tiny trained IMAGE_RUN_UPDATES updates on the digits,
+    logged every update in the simple format, with model.min_target_var=2 (above its target_var;
+    the check starts at update 5000). Trained once per session: tests/test_plot.py reads its log."""
+    root = tmp_path_factory.getbasetemp() / "shared_image_run"
+    digits, save = root / "digits", root / "image_run"
+    if not (save / "checkpoint_last.pt").is_file():
+        write_digits(digits)
+        hydra_train("pretraining/image_tiny", f"task.data={digits}", f"checkpoint.save_dir={save}",
+                    f"optimization.max_update={IMAGE_RUN_UPDATES}", "common.log_interval=1",
+                    "common.log_format=simple", "model.min_target_var=2.0")
+    return digits, save
 
 
 @pytest.fixture(scope="session")
-def image_checkpoint(digits, tmp_path_factory):
-    save = tmp_path_factory.mktemp("probe_run")
-    hydra_train("pretraining/image_tiny", f"task.data={digits}", f"checkpoint.save_dir={save}",
-                "optimization.max_update=2", "common.log_interval=1")
-    return save / "checkpoint_last.pt"
+def digits(tmp_path_factory):
+    return image_run(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="session")
+def image_checkpoint(tmp_path_factory):
+    return image_run(tmp_path_factory)[1] / "checkpoint_last.pt"
 
 
 def _pooled(encoder, images):
