@@ -320,11 +320,16 @@ d2v_run_pretraining() {
 # target_var / pred_var fell below the collapse thresholds) and run the linear probe of the
 # pretrained encoder against the same encoder randomly initialised ($PYTHON -m d2v_plugin.probe
 # SAVE_DIR/checkpoint_last.pt PROBE_ARG...). Training is done by then: a failure here is
-# reported with LOG_FUNCTION, not fatal.
+# reported with LOG_FUNCTION, not fatal. Skipped when D2V_QUICK_START_CHECKS=0, or when there
+# is no checkpoint_last.pt.
 d2v_quick_start_checks() {
     local say="$1" save_dir="$2"
     shift 2
     local py="${PYTHON:-python}"
+    if [[ "${D2V_QUICK_START_CHECKS:-1}" == "0" || ! -f "$save_dir/checkpoint_last.pt" ]]; then
+        "$say" "draw the training curves with: d2v-plot $save_dir --out report.png"
+        return 0
+    fi
     "$say" "training curves: $py -m d2v_plugin.monitor.plot $save_dir --out $save_dir/training.png"
     if "$py" -m d2v_plugin.monitor.plot "$save_dir" --out "$save_dir/training.png"; then
         "$say" "plot: $save_dir/training.png (any time, also during training: d2v-plot $save_dir --out report.png --html report.html)"
