@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from .checkpoints import _model_cfg_dict, model_config, read_checkpoint
 from .data.image_dataset import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, eval_transform, load_rgb
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
@@ -53,24 +52,25 @@ class ImageClassifier:
 
     @classmethod
     def from_checkpoint(cls, path: str, device="cpu", dtype=torch.float32) -> "ImageClassifier":
-        from .models.finetuning.image_classification import ImageClassificationModel, ImageClassificationModelConfig
+        """A ``d2v_image_classification`` checkpoint, or its ``d2v-export --format inference`` directory."""
+        from .predict.finetuned import finetuned_name, read_finetuned
 
-        ckpt = read_checkpoint(path)
-        values = _model_cfg_dict(ckpt, path)
-        if values.get("_name") != "d2v_image_classification":
+        name = finetuned_name(path)
+        if name != "d2v_image_classification":
             raise ValueError(
-                f"{path} is a {values.get('_name')!r} checkpoint, not a fine-tuned image classifier "
+                f"{path} is a {name or 'pretraining'!r} model, not a fine-tuned image classifier "
                 "(d2v_image_classification: bash scripts/finetune_image.sh); for features of a pretrained model use d2v-extract"
             )
-        cfg = model_config(values, ImageClassificationModelConfig)
-        model = ImageClassificationModel.build_model(cfg, task=None)
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: weights do not fit the model its config describes: missing {missing[:8]}, unexpected {unexpected[:8]}")
-        task = (ckpt.get("cfg") or {}).get("task") or {}
-        input_size = task.get("input_size") or 224
-        names = cfg.class_names or [str(i) for i in range(cfg.num_classes)]
-        return cls(model, input_size, names, device=device, dtype=dtype)
+        return cls.from_record(read_finetuned(path), device=device, dtype=dtype)
+
+    @classmethod
+    def from_record(cls, rec, device="cpu", dtype=torch.float32) -> "ImageClassifier":
+        """From a :class:`d2v_plugin.predict.finetuned.Finetuned` record of an image classifier."""
+        from .predict.finetuned import build_model
+
+        model = build_model(rec)
+        names = model.cfg.class_names or [str(i) for i in range(model.cfg.num_classes)]
+        return cls(model, rec.task_cfg.get("input_size") or 224, names, device=device, dtype=dtype)
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """(3, S, S) model input of an image file, a PIL image or a (3, H, W) float tensor of RGB in [0, 1]."""

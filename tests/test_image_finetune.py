@@ -263,3 +263,25 @@ def test_class_missing_from_val_is_an_error(tmp_path):
     shutil.rmtree(data / "val" / "7")
     with pytest.raises(ImageDataError, match=r"class\(es\) 7 of .*train have no folder in .*val"):
         _build(data, "unused.pt")
+
+
+def test_load_model_and_inference_export(finetuned, digits, tmp_path):
+    """d2v_plugin.load_model classifies as ImageClassifier does, from the checkpoint and from its
+    inference export (encoder + head in safetensors, class names and input size in config.json)."""
+    import d2v_plugin
+    from d2v_plugin.classify import ImageClassifier
+
+    save, _ = finetuned
+    ckpt = save / "checkpoint_best.pt"
+    images = sorted((digits / "val").glob("*/*.png"))[::18]
+    want = ImageClassifier.from_checkpoint(str(ckpt)).logits(images)
+    clf = d2v_plugin.load_model(str(ckpt))
+    assert isinstance(clf, ImageClassifier)
+    torch.testing.assert_close(clf.logits(images), want)
+    export = tmp_path / "export"
+    printed = run([BIN / "d2v-export", ckpt, "--out", export, "--format", "inference"]).stdout
+    assert "head: d2v_image_classification" in printed
+    again = d2v_plugin.load_model(str(export))
+    assert again.class_names == clf.class_names and again.input_size == clf.input_size
+    torch.testing.assert_close(again.logits(images), want)
+    assert [p.names for p in again.predict(images, top_k=2)] == [p.names for p in clf.predict(images, top_k=2)]

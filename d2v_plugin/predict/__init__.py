@@ -44,9 +44,7 @@ def _speech(rec, device, dtype, **options):
 def _image(rec, device, dtype):
     from ..classify import ImageClassifier
 
-    model = build_model(rec)
-    names = rec.model_cfg.get("class_names") or [str(i) for i in range(model.cfg.num_classes)]
-    return ImageClassifier(model, rec.task_cfg.get("input_size") or 224, names, device=device, dtype=dtype)
+    return ImageClassifier.from_record(rec, device=device, dtype=dtype)
 
 
 # fine-tuning model name -> (record, device, dtype, **options) -> predictor
