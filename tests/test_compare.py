@@ -9,6 +9,7 @@ import re
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from d2v_plugin.compare import run as compare_run
@@ -16,7 +17,7 @@ from d2v_plugin.prep import text_tasks
 from helpers import REPO, run
 
 ARMS = {"data2vec2": "data2vec 2.0", "data2vec1": "data2vec 1.0", "roberta": "RoBERTa (MLM)"}
-SEEDS = (1, 2)
+SEEDS = (1,)  # one seed keeps the test within its time budget; spread() is checked below
 
 
 # ----------------------------------------------------------------------------
@@ -149,6 +150,33 @@ def test_rerun_reuses_finished_runs(comparison, capsys):
     printed = capsys.readouterr().out
     assert printed.count("finished before, reusing") == len(ARMS) * (1 + len(SEEDS))
     assert (out / "comparison.md").read_text() == before
+
+
+def _log_line(tag, values):
+    return f"[2026-01-01 00:00:00,000][{tag}][INFO] - " + json.dumps({k: str(v) for k, v in values.items()}) + "\n"
+
+
+def test_log_parsing_with_several_epochs_and_validations(tmp_path):
+    """The runs above are too short for two epochs or distinct validations: fairseq's line format here."""
+    from d2v_plugin.compare import logs, report
+
+    log = tmp_path / "train.log"
+    log.write_text(
+        _log_line("train_inner", {"epoch": 1, "loss": 3.0, "num_updates": 10})
+        + _log_line("valid", {"epoch": 1, "valid_accuracy": 40.0, "valid_num_updates": 10})
+        + _log_line("train", {"epoch": 1, "train_wpb": 500.0, "train_num_updates": 10, "train_wall": 7})
+        + _log_line("valid", {"epoch": 2, "valid_accuracy": 55.5, "valid_num_updates": 25})
+        + _log_line("valid", {"epoch": 3, "valid_accuracy": 50.0, "valid_num_updates": 30})
+        + _log_line("train", {"epoch": 2, "train_wpb": 400.0, "train_num_updates": 30, "train_wall": 19})
+    )
+    summary = logs.pretraining_summary(log)
+    assert summary["tokens"] == 10 * 500 + 20 * 400
+    assert (summary["updates"], summary["wall_s"], summary["curve"]) == (30, 19.0, [(10, 3.0)])
+    assert logs.best_validation(log, "accuracy") == {"value": 55.5, "num_updates": 25, "validations": 3}
+    values = [55.5, 50.0, 61.25]
+    mean, std, n = report.spread(values)
+    assert (mean, n) == (pytest.approx(float(np.mean(values))), 3)
+    assert std == pytest.approx(float(np.std(values, ddof=1)))
 
 
 def test_bad_arm_and_missing_corpus_are_named(tmp_path, capsys):
