@@ -299,3 +299,28 @@ def test_recipe_mechanics(digits):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     assert not torch.allclose(model(source)["logits"], a, atol=1e-3)  # masked in training
+
+
+def test_load_model_and_inference_export(digits, finetuned, tmp_path):
+    """d2v_plugin.load_model transcribes as SpeechRecognizer does, from the checkpoint and from
+    its inference export (encoder + CTC head in safetensors, the letters in config.json)."""
+    import d2v_plugin
+    from d2v_plugin.asr import SpeechRecognizer
+    from d2v_plugin.asr.transcribe import manifest_inputs
+
+    out, _ = finetuned
+    ckpt = out / "checkpoint_best.pt"
+    paths, _ = manifest_inputs(str(digits / "valid.tsv"))
+    want = SpeechRecognizer.from_checkpoint(str(ckpt)).transcribe(paths)
+    asr = d2v_plugin.load_model(str(ckpt))
+    assert isinstance(asr, SpeechRecognizer) and asr.transcribe(paths) == want
+    export = tmp_path / "export"
+    printed = run([BIN / "d2v-export", ckpt, "--out", export, "--format", "inference"]).stdout
+    assert "head: d2v_ctc" in printed
+    again = d2v_plugin.load_model(str(export))
+    assert again.transcribe(paths) == want
+    wav = torch.from_numpy(np.random.default_rng(0).standard_normal(16000).astype(np.float32))
+    with torch.no_grad():
+        a = asr.model(source=wav[None], padding_mask=None)
+        b = again.model(source=wav[None], padding_mask=None)
+    torch.testing.assert_close(a["logits"], b["logits"])

@@ -13,7 +13,6 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..checkpoints import _model_cfg_dict, model_config, read_checkpoint
 from ..data.audio_dataset import read_audio
 from .decoding import make_decoder
 
@@ -33,23 +32,24 @@ class SpeechRecognizer:
 
     @classmethod
     def from_checkpoint(cls, path: str, device="cpu", dtype=torch.float32, lm: Optional[str] = None, **options):
-        """Load a ``d2v_ctc`` checkpoint; ``lm``: an ARPA language model for beam search (needs flashlight-text)."""
-        from ..models.finetuning.ctc import D2vCtcConfig, D2vCtcModel
-        from ..models.finetuning.pretrained import encoder_from_args
+        """Load a ``d2v_ctc`` checkpoint (or its ``d2v-export --format inference`` directory);
+        ``lm``: an ARPA language model for beam search (needs flashlight-text)."""
+        from ..predict.finetuned import finetuned_name, read_finetuned
 
-        ckpt = read_checkpoint(path)
-        values = _model_cfg_dict(ckpt, path)
-        if values.get("_name") != "d2v_ctc":
-            raise ValueError(f"{path} is a {values.get('_name')!r} checkpoint, not a CTC fine-tuned speech model (d2v_ctc)")
-        if not values.get("pretrained_model_args") or not values.get("target_symbols"):
-            raise ValueError(f"{path}: a d2v_ctc checkpoint without pretrained_model_args / target_symbols")
-        cfg = model_config(values, D2vCtcConfig)
-        symbols = list(cfg.target_symbols)
-        model = D2vCtcModel(cfg, encoder_from_args(cfg.pretrained_model_args, None), len(symbols))
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: weights do not fit its config: missing {missing[:8]}, unexpected {unexpected[:8]}")
-        return cls(model, symbols, device=device, dtype=dtype, lm=lm, **options)
+        name = finetuned_name(path)
+        if name != "d2v_ctc":
+            raise ValueError(f"{path} is a {name or 'pretraining'!r} model, not a CTC fine-tuned speech model (d2v_ctc)")
+        return cls.from_record(read_finetuned(path), device=device, dtype=dtype, lm=lm, **options)
+
+    @classmethod
+    def from_record(cls, rec, device="cpu", dtype=torch.float32, lm: Optional[str] = None, **options):
+        """From a :class:`d2v_plugin.predict.finetuned.Finetuned` record of a ``d2v_ctc`` model."""
+        from ..predict.finetuned import build_model
+
+        model = build_model(rec)
+        if not model.cfg.target_symbols:
+            raise ValueError(f"{rec.path}: a d2v_ctc model without target_symbols (its letter dictionary)")
+        return cls(model, list(model.cfg.target_symbols), device=device, dtype=dtype, lm=lm, **options)
 
     @staticmethod
     def load_audio(item: Audio) -> torch.Tensor:

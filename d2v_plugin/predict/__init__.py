@@ -38,7 +38,7 @@ def _text(predictor):
 def _speech(rec, device, dtype, **options):
     from ..asr.recognizer import SpeechRecognizer
 
-    return SpeechRecognizer(build_model(rec), rec.model_cfg["target_symbols"], device=device, dtype=dtype, **options)
+    return SpeechRecognizer.from_record(rec, device=device, dtype=dtype, **options)
 
 
 def _image(rec, device, dtype):
