@@ -204,6 +204,32 @@ def test_finetune_from_meta_checkpoint(name, digits, tmp_path):
     assert saved["pretrained_model_args"]["_name"] == {"v2_audio": "data2vec_multi", "v1_audio": "data2vec_audio"}[name]
     texts = SpeechRecognizer.from_checkpoint(str(tmp_path / "checkpoint_last.pt")).transcribe([np.zeros(16000, np.float32)])
     assert len(texts) == 1 and isinstance(texts[0], str)
+    _check_hf_export(name, tmp_path / "checkpoint_last.pt", digits, tmp_path / "hf")
+
+
+def _check_hf_export(name, ckpt, digits, out):
+    """1.0: Data2VecAudioForCTC + Wav2Vec2Processor give our logits and transcripts; 2.0 is refused."""
+    from d2v_plugin.asr import SpeechRecognizer
+    from d2v_plugin.export.hf import export_hf
+
+    if name == "v2_audio":
+        with pytest.raises(ValueError, match="transformers has no data2vec 2.0 architecture"):
+            export_hf(str(ckpt), str(out))
+        return
+    from transformers import AutoProcessor, Data2VecAudioForCTC
+
+    export_hf(str(ckpt), str(out))
+    rec = SpeechRecognizer.from_checkpoint(str(ckpt))
+    wav = SpeechRecognizer.load_audio(str(digits / "wav" / "valid_000.wav"))
+    processor = AutoProcessor.from_pretrained(out)
+    hf = Data2VecAudioForCTC.from_pretrained(out).eval()
+    inputs = processor(wav.numpy(), sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        ours = rec.model(source=wav[None], padding_mask=None)["logits"]
+        theirs = hf(**inputs).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    # the best path decoded by transformers' tokenizer (blank = its pad token) and by our greedy decoder
+    assert processor.batch_decode(theirs.argmax(-1))[0] == rec.transcribe([wav])[0]
 
 
 def _build(digits, model_path):

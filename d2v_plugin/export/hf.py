@@ -503,7 +503,16 @@ def _hf_classes(arch: str):
 HF_HEADS = {
     "d2v_text_classification": ("Data2VecTextForSequenceClassification", "data2vec_text."),
     "d2v_span_qa": ("Data2VecTextForQuestionAnswering", "data2vec_text."),
+    "d2v_ctc": ("Data2VecAudioForCTC", "data2vec_audio."),
+    "d2v_image_classification": ("Data2VecVisionForImageClassification", "data2vec_vision."),
 }
+
+IMAGE_HEAD_REFUSAL = (
+    "transformers' Data2VecVisionForImageClassification either ends the encoder with its LayerNorm and reads the CLS "
+    "token, or mean-pools the patches into a LayerNorm with no encoder norm; our (and Meta's) fine-tuning keeps the "
+    "encoder's final norm and adds a norm on the pooled patches, which it cannot express: use `d2v-export --format "
+    "inference` (d2v_plugin.load_model) instead"
+)
 
 
 def _finetuned(path_or_model):
@@ -518,6 +527,14 @@ def _finetuned(path_or_model):
 def _head_state(rec, values: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The head's weights under transformers' names; ``values`` (the config) gets the head's fields."""
     state = rec.state
+    if rec.name == "d2v_image_classification":
+        raise ValueError(f"{rec.path}: {IMAGE_HEAD_REFUSAL}")
+    if rec.name == "d2v_ctc":
+        symbols = list(rec.model_cfg["target_symbols"])
+        values.update(vocab_size=len(symbols), pad_token_id=symbols.index("<s>"), bos_token_id=None, eos_token_id=None,
+                      final_dropout=rec.model_cfg.get("final_dropout", 0.0), ctc_loss_reduction="sum",
+                      ctc_zero_infinity=True)
+        return {f"lm_head.{p}": state[f"head.{p}"].float() for p in ("weight", "bias")}
     if rec.name == "d2v_span_qa":
         return {f"qa_outputs.{p}": state[f"span_head.{p}"].float() for p in ("weight", "bias")}
     cfg = rec.model_cfg
@@ -606,9 +623,12 @@ def export_hf(path_or_model, out_dir: str, dtype: str = "fp32") -> Dict[str, Any
     if arch == "data2vec_audio":
         from transformers import Wav2Vec2FeatureExtractor
 
-        Wav2Vec2FeatureExtractor(
+        features = Wav2Vec2FeatureExtractor(
             feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
-        ).save_pretrained(out_dir)
+        )
+        features.save_pretrained(out_dir)
+        if head is not None:
+            notes.append(_write_ctc_processor(out_dir, features, list(head.model_cfg["target_symbols"])))
     elif arch == "data2vec_vision":
         _write_image_processor(out_dir, model.cfg.image_size)
         notes.append("last_hidden_state holds the CLS token first (d2v_plugin's Encoder drops it unless keep_extra_tokens=True)")
@@ -661,6 +681,19 @@ def _write_tokenizer(out_dir: str, path_or_model, head, values) -> str:
                 why = str(e)
     return (f"no tokenizer is written ({why}): token ids are fairseq dictionary indices (pad {values['pad_token_id']}); "
             "Meta's checkpoints use RoBERTa's GPT-2 BPE: AutoTokenizer.from_pretrained('FacebookAI/roberta-base')")
+
+
+def _write_ctc_processor(out_dir: str, features, symbols: List[str]) -> str:
+    """A Wav2Vec2Processor (feature extractor + letter tokenizer) for a CTC model: the letter
+    dictionary in its order, ``<s>`` the blank (transformers' pad token), ``|`` between words."""
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2Processor
+
+    with open(os.path.join(out_dir, "vocab.json"), "w") as f:
+        json.dump({s: i for i, s in enumerate(symbols)}, f, indent=1)
+    tokenizer = Wav2Vec2CTCTokenizer(os.path.join(out_dir, "vocab.json"), bos_token=None, eos_token=None,
+                                     unk_token="<unk>", pad_token="<s>", word_delimiter_token="|")
+    Wav2Vec2Processor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(out_dir)
+    return "CTC letters as a Wav2Vec2Processor (AutoProcessor.from_pretrained; the blank <s> is its pad token)"
 
 
 def _write_image_processor(out_dir: str, size: int) -> None:
