@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .export.extract import pad_batch
+
 Examples = Tuple[List[torch.Tensor], List[str]]
 
 
@@ -80,7 +82,7 @@ def mean_features(encoder, inputs: Sequence[torch.Tensor], batch_size: int, pad,
                 if same_length and len(inputs[nxt]) != len(inputs[chunk[0]]):
                     break
                 chunk.append(nxt)
-            x, padding = _batch([inputs[j] for j in chunk], encoder.modality, pad)
+            x, padding = pad_batch([inputs[j] for j in chunk], encoder.modality, pad)
             res = encoder(x, padding)
             h = res.last_hidden_state.float()
             if res.padding_mask is not None:
@@ -94,17 +96,6 @@ def mean_features(encoder, inputs: Sequence[torch.Tensor], batch_size: int, pad,
             bar.update(len(chunk))
         bar.close()
     return np.stack([feats[j] for j in range(len(inputs))])
-
-
-def _batch(tensors: List[torch.Tensor], modality: str, pad):
-    if modality == "IMAGE":
-        return torch.stack(tensors), None
-    lengths = torch.tensor([len(t) for t in tensors])
-    x = torch.full((len(tensors), int(lengths.max())), pad, dtype=tensors[0].dtype)
-    for i, t in enumerate(tensors):
-        x[i, : len(t)] = t
-    padding = torch.arange(x.size(1))[None, :] >= lengths[:, None]
-    return x, (padding if padding.any() else None)
 
 
 # ---- the labelled data ----------------------------------------------------------------

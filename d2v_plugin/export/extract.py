@@ -124,9 +124,9 @@ def _beside(checkpoint: str, name: str):
     return path if os.path.isfile(path) else None
 
 
-def _batch(items, modality: str, pad: int):
-    """Right-padded batch and its padding mask (True = padded)."""
-    tensors = [t for _, t in items]
+def pad_batch(tensors: List[torch.Tensor], modality: str, pad) -> Tuple[torch.Tensor, "torch.Tensor | None"]:
+    """Encoder inputs as one batch: images stacked; token ids / waveforms right-padded with
+    ``pad``, with their padding mask (True = padded; None when nothing is padded)."""
     if modality == "IMAGE":
         return torch.stack(tensors), None
     lengths = torch.tensor([len(t) for t in tensors])
@@ -175,7 +175,7 @@ def extract(args) -> Dict[str, np.ndarray]:
     features = {}
     with torch.no_grad():
         for chunk in tqdm(_batches(items, args.batch_size, same_length=modality == "AUDIO"), desc="d2v-extract", unit="batch", file=sys.stderr):
-            x, padding = _batch(chunk, modality, pad)
+            x, padding = pad_batch([t for _, t in chunk], modality, pad)
             out = encoder(x.to(args.device), None if padding is None else padding.to(args.device), output_hidden_states=args.layer != "last")
             y = _select(out, args.layer).float().cpu()
             pm = out.padding_mask.cpu() if out.padding_mask is not None else None
