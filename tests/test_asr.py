@@ -350,3 +350,11 @@ def test_load_model_and_inference_export(digits, finetuned, tmp_path):
         a = asr.model(source=wav[None], padding_mask=None)
         b = again.model(source=wav[None], padding_mask=None)
     torch.testing.assert_close(a["logits"], b["logits"])
+
+    import onnxruntime as ort
+
+    onnx_dir = tmp_path / "onnx"
+    assert "head: d2v_ctc" in run([BIN / "d2v-export", ckpt, "--out", onnx_dir, "--format", "onnx"]).stdout
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"source": wav[None].numpy(), "padding_mask": np.zeros((1, len(wav)), dtype=bool)})
+    torch.testing.assert_close(torch.from_numpy(got[0]), a["logits"], atol=1e-4, rtol=1e-4)

@@ -197,6 +197,15 @@ def _check_predictors(best, data, tmp_path, logged_accuracy):
         logits = hf(input_ids=batch, attention_mask=batch.ne(1).long()).logits
     torch.testing.assert_close(logits, out.logits[:8], atol=1e-4, rtol=1e-4)
 
+    import onnxruntime as ort
+
+    onnx_dir = tmp_path / "onnx"
+    assert "head: d2v_text_classification" in run([BIN / "d2v-export", best, "--out", onnx_dir, "--format", "onnx"]).stdout
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"source": batch.numpy(), "padding_mask": batch.eq(1).numpy()}
+    got = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), out.logits[:8], atol=1e-4, rtol=1e-4)
+
 
 def test_regression_finetune_learns(pretrained, tmp_path):
     ckpt, dict_path = pretrained

@@ -285,3 +285,12 @@ def test_load_model_and_inference_export(finetuned, digits, tmp_path):
     assert again.class_names == clf.class_names and again.input_size == clf.input_size
     torch.testing.assert_close(again.logits(images), want)
     assert [p.names for p in again.predict(images, top_k=2)] == [p.names for p in clf.predict(images, top_k=2)]
+
+    import onnxruntime as ort
+
+    onnx_dir = tmp_path / "onnx"
+    assert "head: d2v_image_classification" in run([BIN / "d2v-export", ckpt, "--out", onnx_dir, "--format", "onnx"]).stdout
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = torch.stack([clf.preprocess(im) for im in images])
+    got = session.run(None, {"source": batch.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""ONNX export of a data2vec student encoder, checked in onnxruntime.
+"""ONNX export of a data2vec student encoder, or of a fine-tuned model with its head, checked in onnxruntime.
 
 ``export_onnx(checkpoint, out_dir, dtype)`` writes ``out_dir/model.onnx`` (and
 ``config.json``, the inference config, for reference) with the TorchScript exporter
@@ -21,6 +21,10 @@ models' padded code path (the one that also gives the right result without paddi
 "no padding" shortcuts of the PyTorch code are data-dependent and do not survive tracing).
 Every registered architecture exports: data2vec_multi (text, speech with ALiBi, images),
 data2vec_text, data2vec_audio, data2vec_vision.
+
+A fine-tuned checkpoint exports encoder and head with the same inputs and the head's outputs:
+``logits`` (B, classes) for text / image classification, ``start_logits`` and ``end_logits``
+(B, T) for SQuAD (-inf at padding), ``logits`` (B, T, letters) and ``padding_mask_out`` for CTC.
 
 B, T and S are dynamic axes. Outputs at padded positions carry no meaning. ``dtype`` fp16
 casts the weights and float inputs (checked within 1e-2); bf16 is refused (onnxruntime's
@@ -54,6 +58,66 @@ class OnnxEncoder(nn.Module):
         if self.modality == "AUDIO":
             return out.last_hidden_state, out.padding_mask
         return out.last_hidden_state
+
+
+class OnnxHead(nn.Module):
+    """A fine-tuned model (encoder + head) as a module of plain tensors (see :data:`HEAD_OUTPUTS`)."""
+
+    def __init__(self, model: nn.Module, name: str):
+        super().__init__()
+        self.model = model
+        self.name = name
+
+    def forward(self, source, padding_mask=None):
+        if self.name == "d2v_image_classification":
+            return self.model(source)
+        out = self.model(source, padding_mask=padding_mask)
+        if self.name == "d2v_ctc":
+            return out["logits"], out["padding_mask"]
+        if self.name == "d2v_span_qa":
+            return out["start_logits"], out["end_logits"]
+        return out
+
+
+# fine-tuning model -> (output names, their dynamic axes beyond the batch)
+HEAD_OUTPUTS = {
+    "d2v_text_classification": (["logits"], {}),
+    "d2v_image_classification": (["logits"], {}),
+    "d2v_span_qa": (["start_logits", "end_logits"], {1: "length"}),
+    "d2v_ctc": (["logits", "padding_mask_out"], {1: "frames"}),
+}
+
+
+def _head_names(name: str, modality: str):
+    inputs, _, axes = _names(modality)
+    outputs, extra = HEAD_OUTPUTS[name]
+    axes = {k: v for k, v in axes.items() if k in inputs}
+    for o in outputs:
+        axes[o] = {0: "batch", **extra}
+    return inputs, outputs, axes
+
+
+def compare_outputs(wrapper: nn.Module, session, example) -> float:
+    """Max |onnxruntime - PyTorch| over every output, where PyTorch's value is finite
+    (padded steps of span logits are -inf); boolean outputs must be equal."""
+    with torch.no_grad():
+        ref = wrapper(*example)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    got = session.run(None, session_feeds(session, example))
+    worst = 0.0
+    for r, g in zip(ref, got):
+        g = torch.from_numpy(g)
+        if r.shape != g.shape:
+            raise ValueError(f"onnxruntime output shape {tuple(g.shape)} != PyTorch {tuple(r.shape)}")
+        if r.dtype == torch.bool:
+            if not torch.equal(r, g):
+                raise ValueError("onnxruntime's boolean output differs from PyTorch's")
+            continue
+        finite = torch.isfinite(r)
+        if not torch.equal(finite, torch.isfinite(g)):
+            raise ValueError("onnxruntime's output is infinite where PyTorch's is not (or the other way)")
+        worst = max(worst, (r.float() - g.float()).abs()[finite].max().item())
+    return worst
 
 
 def _image_shape(model) -> Tuple[int, int]:
@@ -148,15 +212,25 @@ def export_onnx(path: str, out_dir: str, dtype: str = "fp32", opset: int = OPSET
     if target == torch.bfloat16:
         raise ValueError(f"{path}: --format onnx --dtype bf16 is not supported: onnxruntime's CPU kernels (Conv, Mul, ...) "
                          "have no bfloat16 implementation; use fp32 or fp16")
-    model = load_student(path)
+    from .inference import _finetuned_record
+
+    finetuned = _finetuned_record(path)
+    if finetuned is not None:  # encoder + head
+        from ..predict.finetuned import build_model
+
+        head_model = build_model(finetuned)
+        model = head_model.encoder
+        wrapper = OnnxHead(head_model, finetuned.name).eval()
+    else:
+        model = load_student(path)
+        wrapper = OnnxEncoder(Encoder(model)).eval()
     arch = architecture_of(model)
     modality = model.mode
-    wrapper = OnnxEncoder(Encoder(model)).eval()
     if target != torch.float32:
         wrapper = wrapper.to(target)
     os.makedirs(out_dir, exist_ok=True)
     onnx_path = os.path.join(out_dir, ONNX_FILE)
-    inputs, outputs, axes = _names(modality)
+    inputs, outputs, axes = _names(modality) if finetuned is None else _head_names(finetuned.name, modality)
     lengths = {"TEXT": (11, 16), "AUDIO": (5600, 8000), "IMAGE": (0, 0)}[modality]
     example = _example(model, modality, 2, lengths[0], seed=0)
     check = _example(model, modality, 3, lengths[1], seed=1)
@@ -177,7 +251,7 @@ def export_onnx(path: str, out_dir: str, dtype: str = "fp32", opset: int = OPSET
     with open(os.path.join(out_dir, CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    max_diff = compare(wrapper, session, check, modality)
+    max_diff = compare(wrapper, session, check, modality) if finetuned is None else compare_outputs(wrapper, session, check)
     graph_inputs = [i.name for i in session.get_inputs()]
     config["onnx"]["inputs"] = graph_inputs
     with open(os.path.join(out_dir, CONFIG), "w") as f:
@@ -198,6 +272,11 @@ def export_onnx(path: str, out_dir: str, dtype: str = "fp32", opset: int = OPSET
         "max_abs_diff": max_diff,
         "tolerance": tol,
     }
+    if finetuned is not None:
+        summary["head"] = finetuned.name
+        config["finetuned"] = {"name": finetuned.name, "outputs": outputs}
+        with open(os.path.join(out_dir, CONFIG), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
     if not max_diff <= tol:
         raise ValueError(f"{arch.name} ({modality}): onnxruntime differs from PyTorch by {max_diff:.3g} > {tol:g} on an input of shape {tuple(check[0].shape)}")
     return summary
