@@ -205,7 +205,6 @@ def probe_accuracy(train_x: np.ndarray, train_y: Sequence[str], test_x: np.ndarr
 def run_probe(args) -> Dict[str, object]:
     import d2v_plugin
 
-    torch.set_grad_enabled(False)
     encoder = d2v_plugin.load_encoder(args.checkpoint)
     modality = encoder.modality
     data = Path(args.data)
