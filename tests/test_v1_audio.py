@@ -9,6 +9,7 @@ as they are (no non-padded variant as for data2vec 2.0).
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -283,7 +284,7 @@ def test_killed_v1_audio_run_resumes_exactly(runs):
 # ---- 5. scripts/train_audio.sh --v1 ----------------------------------------------------
 def test_train_audio_script_v1_switch(tmp_path):
     """--v1 picks the 1.0 configs and save dirs and keeps the 1.0 recipe's batch (16 GPUs);
-    a stand-in fairseq-hydra-train prints the command it gets."""
+    --dry-run prints the command the script would run (several GPUs: under torchrun)."""
     from helpers import REPO, run
 
     fake = tmp_path / "fake-train"
@@ -296,10 +297,12 @@ def test_train_audio_script_v1_switch(tmp_path):
     assert "--v1" in run(["bash", script, "--help"]).stdout
 
     def train(*args):
-        proc = subprocess.run(["bash", str(script), *map(str, args)], cwd=tmp_path, env={**env(), "FAIRSEQ_HYDRA_TRAIN": str(fake)},
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(["bash", str(script), *map(str, args), "--dry-run"], cwd=tmp_path,
+                              env={**env(), "FAIRSEQ_HYDRA_TRAIN": str(fake)}, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
-        return next(line for line in proc.stdout.splitlines() if line.startswith("TRAIN ")).split()
+        command = shlex.split(next(line for line in proc.stdout.splitlines() if line.startswith("+ "))[2:])
+        assert str(fake) in command
+        return command
 
     v1 = train(data, "--v1", "--gpus", "4")
     assert "pretraining/v1_audio_base" in v1 and f"checkpoint.save_dir={tmp_path}/checkpoints/v1_audio_base" in v1

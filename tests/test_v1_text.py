@@ -5,6 +5,7 @@
 import math
 import os
 import signal
+import shlex
 import subprocess
 import time
 
@@ -344,8 +345,8 @@ def test_killed_run_resumes_exactly(text_bin, tmp_path, tiny_run):
 
 def test_train_text_script_v1_selects_the_1_0_configs(tmp_path):
     """``train_text.sh --v1`` picks pretraining/v1_text_tiny (quick start) or pretraining/v1_text_base
-    (with DATA_DIR) and saves under checkpoints/v1_text_*; without --v1 the 2.0 configs. A stand-in
-    fairseq-hydra-train records its arguments (the configs themselves train in the tests above)."""
+    (with DATA_DIR) and saves under checkpoints/v1_text_*; without --v1 the 2.0 configs. --dry-run
+    prints the command the script would run (the configs themselves train in the tests above)."""
     from helpers import REPO
 
     fake = tmp_path / "bin"
@@ -359,10 +360,12 @@ def test_train_text_script_v1_selects_the_1_0_configs(tmp_path):
     e = {**env(), "PATH": f"{fake}{os.pathsep}{env()['PATH']}", "PYTHON": "true"}  # `true`: no corpus preparation
 
     def args(*cli):
-        proc = subprocess.run(["bash", str(REPO / "scripts" / "train_text.sh"), *cli], cwd=tmp_path, env=e,
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "train_text.sh"), *cli, "--dry-run"], cwd=tmp_path, env=e,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
-        return next(line for line in proc.stdout.splitlines() if line.startswith("ARGS ")).split()
+        command = shlex.split(next(line for line in proc.stdout.splitlines() if line.startswith("+ "))[2:])
+        assert str(fake / "fairseq-hydra-train") in command
+        return command
 
     help_text = subprocess.run(["bash", str(REPO / "scripts" / "train_text.sh"), "--help"], capture_output=True, text=True).stdout
     assert "--v1" in help_text and "v1_text_tiny" in help_text and "v1_text_base" in help_text
