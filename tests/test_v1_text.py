@@ -4,8 +4,8 @@
 
 import math
 import os
-import signal
 import shlex
+import signal
 import subprocess
 import time
 
