@@ -16,11 +16,13 @@ BIN = Path(sys.executable).parent
 
 
 def env() -> Dict[str, str]:
-    """Environment for subprocesses: the venv's bin first on PATH, quiet warnings, 1 thread each."""
+    """Environment for subprocesses: the venv's bin first on PATH, quiet warnings, 1 thread each,
+    and the quick starts' closing plot + probe off (tests/test_image.py runs them once)."""
     e = dict(os.environ)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     e.setdefault("PYTHONWARNINGS", "ignore")
     e.setdefault("OMP_NUM_THREADS", "1")
+    e.setdefault("D2V_QUICK_START_CHECKS", "0")
     return e
 
 

@@ -3,6 +3,7 @@ compatibility, bad input, ``datasets/imagenet/prepare.sh`` and ``scripts/train_i
 
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -312,11 +313,17 @@ def test_val_labels_file(tmp_path):
 # ---- scripts/train_image.sh ---------------------------------------------------------
 def test_train_image_script_default_and_resume(tmp_path):
     script = REPO / "scripts" / "train_image.sh"
-    run = lambda *a: subprocess.run(["bash", str(script), *a], cwd=tmp_path, env=env(),  # noqa: E731
-                                    capture_output=True, text=True, timeout=300)
-    proc = run("optimization.max_update=10", "common.log_interval=5")
+    run = lambda *a, checks="0": subprocess.run(["bash", str(script), *a], cwd=tmp_path,  # noqa: E731
+                                                env={**env(), "D2V_QUICK_START_CHECKS": checks},
+                                                capture_output=True, text=True, timeout=300)
+    proc = run("optimization.max_update=10", "common.log_interval=5", checks="1")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
+    # the quick start ends with the training curves and the held-out probe
+    save = tmp_path / "checkpoints" / "image_tiny"
+    assert (save / "training.png").is_file() and f"plot: {save}/training.png" in out
+    probe = re.search(r"pretrained .*held-out accuracy ([0-9.]+)\n  random init .*held-out accuracy ([0-9.]+)", out)
+    assert probe and 0 <= float(probe.group(1)) <= 1 and 0 <= float(probe.group(2)) <= 1, out[-3000:]
     digits = tmp_path / "data" / "digits_images"
     assert len(list((digits / "train" / "3").glob("*.png"))) > 150
     assert Image.open(next((digits / "val" / "7").glob("*.png"))).size == (32, 32)
