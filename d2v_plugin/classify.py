@@ -53,15 +53,16 @@ class ImageClassifier:
     @classmethod
     def from_checkpoint(cls, path: str, device="cpu", dtype=torch.float32) -> "ImageClassifier":
         """A ``d2v_image_classification`` checkpoint, or its ``d2v-export --format inference`` directory."""
-        from .predict.finetuned import finetuned_name, read_finetuned
+        from .predict.finetuned import find_finetuned
 
-        name = finetuned_name(path)
+        rec = find_finetuned(path)
+        name = rec.name if rec is not None else None
         if name != "d2v_image_classification":
             raise ValueError(
                 f"{path} is a {name or 'pretraining'!r} model, not a fine-tuned image classifier "
                 "(d2v_image_classification: bash scripts/finetune_image.sh); for features of a pretrained model use d2v-extract"
             )
-        return cls.from_record(read_finetuned(path), device=device, dtype=dtype)
+        return cls.from_record(rec, device=device, dtype=dtype)
 
     @classmethod
     def from_record(cls, rec, device="cpu", dtype=torch.float32) -> "ImageClassifier":

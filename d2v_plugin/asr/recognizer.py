@@ -34,12 +34,13 @@ class SpeechRecognizer:
     def from_checkpoint(cls, path: str, device="cpu", dtype=torch.float32, lm: Optional[str] = None, **options):
         """Load a ``d2v_ctc`` checkpoint (or its ``d2v-export --format inference`` directory);
         ``lm``: an ARPA language model for beam search (needs flashlight-text)."""
-        from ..predict.finetuned import finetuned_name, read_finetuned
+        from ..predict.finetuned import find_finetuned
 
-        name = finetuned_name(path)
+        rec = find_finetuned(path)
+        name = rec.name if rec is not None else None
         if name != "d2v_ctc":
             raise ValueError(f"{path} is a {name or 'pretraining'!r} model, not a CTC fine-tuned speech model (d2v_ctc)")
-        return cls.from_record(read_finetuned(path), device=device, dtype=dtype, lm=lm, **options)
+        return cls.from_record(rec, device=device, dtype=dtype, lm=lm, **options)
 
     @classmethod
     def from_record(cls, rec, device="cpu", dtype=torch.float32, lm: Optional[str] = None, **options):

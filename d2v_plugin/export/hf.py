@@ -519,9 +519,10 @@ def _finetuned(path_or_model):
     """The fine-tuned record of a fine-tuning checkpoint / export with a text head (else None)."""
     if not isinstance(path_or_model, (str, os.PathLike)):
         return None
-    from ..predict.finetuned import finetuned_name, read_finetuned
+    from ..predict.finetuned import find_finetuned
 
-    return read_finetuned(str(path_or_model)) if finetuned_name(str(path_or_model)) in HF_HEADS else None
+    rec = find_finetuned(str(path_or_model))
+    return rec if rec is not None and rec.name in HF_HEADS else None
 
 
 def _head_state(rec, values: Dict[str, Any]) -> Dict[str, torch.Tensor]:

@@ -98,11 +98,9 @@ def export_inference(path: str, out_dir: str, dtype: str = "fp32") -> Dict[str, 
 
 def _finetuned_record(path: str):
     """The fine-tuned model of checkpoint ``path`` (None for a pretraining checkpoint or an export)."""
-    from ..predict.finetuned import finetuned_name, read_finetuned
+    from ..predict.finetuned import find_finetuned
 
-    if is_inference_dir(path) or finetuned_name(path) is None:
-        return None
-    return read_finetuned(path)
+    return None if is_inference_dir(path) else find_finetuned(path)
 
 
 def _config(encoder, dtype: str) -> Dict[str, Any]:

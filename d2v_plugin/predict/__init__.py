@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import torch
 
-from .finetuned import Finetuned, build_model, finetuned_name, input_dictionary, read_finetuned
+from .finetuned import Finetuned, build_model, find_finetuned, input_dictionary, read_finetuned
 from .text import SpanAnswer, SpanReader, TextClassification, TextClassifier
 from .text_tokenizer import TokenizerSpec, parse_spec
 
@@ -73,6 +73,6 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: torch
 
 
 __all__ = [
-    "load_model", "Finetuned", "read_finetuned", "finetuned_name", "build_model", "TextClassifier",
+    "load_model", "Finetuned", "read_finetuned", "find_finetuned", "build_model", "TextClassifier",
     "TextClassification", "SpanReader", "SpanAnswer", "TokenizerSpec",
 ]

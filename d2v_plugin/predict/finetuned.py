@@ -41,17 +41,10 @@ def _label_names(data_dir: str) -> Optional[List[str]]:
     return list(labels.symbols[labels.nspecial:])
 
 
-def _from_checkpoint(path: str) -> Finetuned:
+def _from_checkpoint(path: str, ckpt: Dict[str, Any], values: Dict[str, Any]) -> Finetuned:
     from omegaconf import OmegaConf
 
-    ckpt = read_checkpoint(path)
-    values = _model_cfg_dict(ckpt, path)
-    name = values.get("_name")
-    if name not in FINETUNED_MODELS:
-        raise ValueError(
-            f"{path} is a {name} checkpoint, not a fine-tuned model (one of {', '.join(FINETUNED_MODELS)}); "
-            "d2v_plugin.load_encoder(path) reads pretraining checkpoints"
-        )
+    name = values["_name"]
     task = ckpt["cfg"].get("task") or {}
     task = OmegaConf.to_container(task, resolve=True) if OmegaConf.is_config(task) else dict(task)
     rec = Finetuned(name, values, task, ckpt["model"], path)
@@ -66,23 +59,28 @@ def _from_checkpoint(path: str) -> Finetuned:
     return rec
 
 
-def finetuned_name(path: str) -> Optional[str]:
-    """The fine-tuning model name of a checkpoint or inference export (None: a pretrained encoder)."""
-    from ..export.inference import is_inference_dir, read_config
+def find_finetuned(path: str) -> Optional[Finetuned]:
+    """The fine-tuned model of a checkpoint or inference export, read once; None when the
+    file holds a pretrained encoder only."""
+    from ..export.inference import is_inference_dir, read_config, read_finetuned_export
 
     if is_inference_dir(path):
-        return (read_config(path).get("finetuned") or {}).get("name")
-    name = _model_cfg_dict(read_checkpoint(path), path).get("_name")
-    return name if name in FINETUNED_MODELS else None
+        return read_finetuned_export(path) if read_config(path).get("finetuned") else None
+    ckpt = read_checkpoint(path)
+    values = _model_cfg_dict(ckpt, path)
+    return _from_checkpoint(path, ckpt, values) if values.get("_name") in FINETUNED_MODELS else None
 
 
 def read_finetuned(path: str) -> Finetuned:
     """The fine-tuned model of a checkpoint or of an inference export directory."""
-    from ..export.inference import is_inference_dir, read_finetuned_export
+    from ..export.inference import is_inference_dir
 
-    if is_inference_dir(path):
-        return read_finetuned_export(path)
-    return _from_checkpoint(path)
+    rec = find_finetuned(path)
+    if rec is None:
+        what = ("holds an exported encoder without a task head (exported from a pretraining checkpoint)" if is_inference_dir(path)
+                else f"is a pretraining checkpoint, not a fine-tuned model (one of {', '.join(FINETUNED_MODELS)})")
+        raise ValueError(f"{path} {what}; d2v_plugin.load_encoder(path) reads it")
+    return rec
 
 
 def input_dictionary(rec: Finetuned):
