@@ -206,19 +206,29 @@ TRANSCRIPTS = {
 }
 
 
-def _librispeech_tar(path: Path, split: str, rng) -> None:
+# Libri-light's librispeech_finetuning.tgz: <folder>/{clean,other}/<speaker>/<chapter>/ (10m = 1h/0)
+LIMITED = {
+    "1h/0/clean": {("19", "198"): ["NORTHANGER ABBEY", "THIS LITTLE WORK"]},
+    "1h/3/other": {("26", "495"): ["NO ONE WHO HAD EVER SEEN"]},
+    "9h/clean": {("103", "1240"): ["CHAPTER ONE", "MISSUS RACHEL LYNDE"]},
+}
+
+
+def _speech_tar(path: Path, folders, rng, readme: str) -> None:
+    """A tar.gz of LibriSpeech-style ``<folder>/<speaker>/<chapter>/`` FLACs and transcripts."""
     with tarfile.open(path, "w:gz") as tar:
-        for (spk, chapter), texts in TRANSCRIPTS.items():
-            base = f"LibriSpeech/{split}/{spk}/{chapter}"
-            lines = []
-            for utt, text in enumerate(texts):
-                name = f"{spk}-{chapter}-{utt:04d}"
-                buf = io.BytesIO()
-                sf.write(buf, tone(0.3 + 0.1 * utt, rng), SR, format="FLAC")
-                _add(tar, f"{base}/{name}.flac", buf.getvalue())
-                lines.append(f"{name} {text}")
-            _add(tar, f"{base}/{spk}-{chapter}.trans.txt", ("\n".join(lines) + "\n").encode())
-        _add(tar, "LibriSpeech/README.TXT", b"LibriSpeech test fixture\n")
+        for folder, chapters in folders.items():
+            for (spk, chapter), texts in chapters.items():
+                base = f"{folder}/{spk}/{chapter}"
+                lines = []
+                for utt, text in enumerate(texts):
+                    name = f"{spk}-{chapter}-{utt:04d}"
+                    buf = io.BytesIO()
+                    sf.write(buf, tone(0.3 + 0.1 * utt, rng), SR, format="FLAC")
+                    _add(tar, f"{base}/{name}.flac", buf.getvalue())
+                    lines.append(f"{name} {text}")
+                _add(tar, f"{base}/{spk}-{chapter}.trans.txt", ("\n".join(lines) + "\n").encode())
+        _add(tar, readme, b"test fixture\n")
 
 
 def _add(tar, name, data):
@@ -234,9 +244,11 @@ def mirror(tmp_path_factory):
     rng = np.random.default_rng(2)
     md5 = []
     for split in ("train-clean-100", "dev-clean"):
-        _librispeech_tar(root / f"{split}.tar.gz", split, rng)
+        _speech_tar(root / f"{split}.tar.gz", {f"LibriSpeech/{split}": TRANSCRIPTS}, rng, "LibriSpeech/README.TXT")
         md5.append(f"{hashlib.md5((root / f'{split}.tar.gz').read_bytes()).hexdigest()}  {split}.tar.gz")
     (root.parent / "md5.txt").write_text("\n".join(md5) + "\n")
+    _speech_tar(root / "librispeech_finetuning.tgz", {f"librispeech_finetuning/{k}": v for k, v in LIMITED.items()},
+                rng, "librispeech_finetuning/README")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -308,3 +320,39 @@ def test_librispeech_bad_checksum(mirror, tmp_path):
     # an unknown split is a clear error too
     bad = _prepare("--out", out, "--splits", "dev-noisy")
     assert bad.returncode != 0 and "unknown split 'dev-noisy'" in bad.stdout
+
+
+def _rows(tsv: Path):
+    return [line.split("\t")[0] for line in tsv.read_text().splitlines()[1:]]
+
+
+def test_librilight_limited_splits(mirror, tmp_path):
+    """--limited 10m / 10h: Libri-light's training folders (SHA-256 checked) plus the dev split."""
+    url, served, md5 = mirror
+    sha = hashlib.sha256((served / "librispeech_finetuning.tgz").read_bytes()).hexdigest()
+    common = ["--splits", "dev-clean", "--mirror", url, "--md5-file", md5, "--workers", "1",
+              "--limited-url", f"{url}/librispeech_finetuning.tgz", "--limited-sha256", sha]
+    out = tmp_path / "ll"
+    proc = _prepare("--out", out, "--limited", "10m", *common)
+    assert proc.returncode == 0, proc.stdout
+    m = out / "manifests"
+    tsv = (m / "train.tsv").read_text().splitlines()
+    assert tsv[0] == str(out / "librispeech_finetuning")
+    assert _rows(m / "train.tsv") == ["1h/0/clean/19/198/19-198-0000.flac", "1h/0/clean/19/198/19-198-0001.flac"]
+    assert (m / "train.wrd").read_text().splitlines() == LIMITED["1h/0/clean"][("19", "198")]
+    assert (m / "train.ltr").read_text().splitlines()[1] == "T H I S | L I T T L E | W O R K |"
+    letters = dict(line.split() for line in (m / "dict.ltr.txt").read_text().splitlines())
+    assert letters["|"] == "5" and "Y" in letters and "C" not in letters  # counts of the 10 min set only
+    assert len(_rows(m / "dev_clean.tsv")) == 4
+    # 10h = 1h/* + 9h, in the same directory: the archive is not fetched again
+    proc = _prepare("--out", out, "--limited", "10h", *common)
+    assert proc.returncode == 0 and "downloading" not in proc.stdout, proc.stdout
+    rows = _rows(m / "train.tsv")
+    assert len(rows) == 5 and rows[2].startswith("1h/3/other/26/495/") and rows[3].startswith("9h/clean/103/1240/")
+    # a corrupt archive is refused and moved aside; a training split beside --limited is refused
+    bad = _prepare("--out", tmp_path / "bad", "--limited", "1h", *common[:-1], "f" * 64)
+    assert bad.returncode != 0 and f"librispeech_finetuning.tgz is corrupt: SHA-256 {sha}, expected {'f' * 64}" in bad.stdout, bad.stdout
+    assert (tmp_path / "bad" / "download" / "librispeech_finetuning.tgz.bad").exists()
+    assert not (tmp_path / "bad" / "librispeech_finetuning").exists()
+    mixed = _prepare("--out", tmp_path / "bad", "--limited", "1h", "--splits", "train-clean-100,dev-clean")
+    assert mixed.returncode != 0 and "--limited 1h replaces the training splits: drop train-clean-100" in mixed.stdout

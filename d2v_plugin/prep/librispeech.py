@@ -12,6 +12,14 @@ letter dictionary (fairseq format, counts from the training transcripts)::
     python -m d2v_plugin.prep.librispeech librispeech --root RAW/LibriSpeech \\
         --splits train-clean-100,dev-clean --out DATA --workers 8
 
+``librilight``: the Libri-light limited-resource training sets (Kahn et al. 2020), extracted
+from ``librispeech_finetuning.tgz`` (``ROOT/1h/{0..5}/{clean,other}/<speaker>/<chapter>/`` and
+``ROOT/9h/{clean,other}/...``, LibriSpeech's file layout below that): ``10m`` = ``1h/0``,
+``1h`` = ``1h/*``, ``10h`` = ``1h/*`` + ``9h``. Writes ``OUT/train.{tsv,wrd,ltr}`` and
+``OUT/dict.ltr.txt``::
+
+    python -m d2v_plugin.prep.librispeech librilight --root RAW/librispeech_finetuning --subset 10m --out DATA
+
 ``manifest``: a manifest of every audio file under a directory (any layout), e.g. for
 your own corpus; ``--valid-percent`` holds out a random part as ``valid.tsv``::
 
@@ -183,6 +191,28 @@ def prepare_librispeech(root: Path, splits: List[str], out: Path, workers: int) 
     log.info(f"letter dictionary -> {out}/dict.ltr.txt")
 
 
+# ---- Libri-light limited-resource splits -----------------------------------------------
+LIBRILIGHT_SUBSETS = {"10m": ("1h/0",), "1h": ("1h/*",), "10h": ("1h/*", "9h")}
+
+
+def prepare_librilight(root: Path, subset: str, out: Path, workers: int) -> None:
+    root = root.resolve()
+    if subset not in LIBRILIGHT_SUBSETS:
+        raise PrepError(f"unknown Libri-light subset {subset!r}; choose from {', '.join(LIBRILIGHT_SUBSETS)}")
+    folders = sorted({d for pattern in LIBRILIGHT_SUBSETS[subset] for d in root.glob(f"{pattern}/*") if d.is_dir()})
+    if not folders:
+        raise PrepError(f"Libri-light {subset}: no {' or '.join(p + '/{clean,other}/' for p in LIBRILIGHT_SUBSETS[subset])} "
+                        f"under {root} (extract librispeech_finetuning.tgz there)")
+    rows = [row for d in folders for row in read_split(root, d.relative_to(root).as_posix())]
+    lengths = probe_lengths([str(root / p) for p, _ in rows], workers, what=f"Libri-light {subset}")
+    full = [(p, t, n) for (p, t), n in zip(rows, lengths)]
+    out.mkdir(parents=True, exist_ok=True)
+    write_split(out, "train", root, full)
+    write_letter_dict(out, [t for _, t, _ in full])
+    log.info(f"Libri-light {subset}: {len(full)} utterances, {sum(lengths) / 16000 / 3600:.2f} h "
+             f"-> {out}/train.tsv/.wrd/.ltr and dict.ltr.txt")
+
+
 # ---- any directory ------------------------------------------------------------------
 def prepare_manifest(audio_dir: Path, out: Path, extensions: List[str], valid_percent: float, seed: int, workers: int, name: str) -> None:
     audio_dir = audio_dir.resolve()
@@ -219,6 +249,11 @@ def main(argv=None) -> int:
                      help="comma-separated splits (default: all seven)")
     lib.add_argument("--out", required=True, type=Path, help="output directory (task.data)")
     lib.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes reading audio headers")
+    ll = sub.add_parser("librilight", help="manifest + transcripts of a Libri-light limited-resource training set")
+    ll.add_argument("--root", required=True, type=Path, help="the extracted librispeech_finetuning/ directory (holding 1h/ and 9h/)")
+    ll.add_argument("--subset", required=True, choices=sorted(LIBRILIGHT_SUBSETS), help="10m (1h/0), 1h (1h/*) or 10h (1h/* and 9h)")
+    ll.add_argument("--out", required=True, type=Path, help="output directory (task.data): train.tsv/.wrd/.ltr, dict.ltr.txt")
+    ll.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes reading audio headers")
     man = sub.add_parser("manifest", help="a manifest of every audio file under a directory")
     man.add_argument("--audio-dir", required=True, type=Path, help="directory searched recursively")
     man.add_argument("--out", required=True, type=Path, help="output directory (task.data)")
@@ -235,6 +270,8 @@ def main(argv=None) -> int:
         if args.command == "librispeech":
             splits = [s.strip() for s in args.splits.replace(" ", ",").split(",") if s.strip()]
             prepare_librispeech(args.root, splits, args.out, args.workers)
+        elif args.command == "librilight":
+            prepare_librilight(args.root, args.subset, args.out, args.workers)
         else:
             prepare_manifest(args.audio_dir, args.out, args.ext, args.valid_percent, args.seed, args.workers, args.name)
     except PrepError as e:

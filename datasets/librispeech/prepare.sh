@@ -9,6 +9,11 @@ source "$HERE/../lib/download.sh"
 OPENSLR_URL="https://www.openslr.org/resources/12"
 ALL_SPLITS="train-clean-100,train-clean-360,train-other-500,dev-clean,dev-other,test-clean,test-other"
 DEFAULT_MD5_FILE="$HERE/md5sum.txt"
+LIBRILIGHT_URL="https://dl.fbaipublicfiles.com/librilight/data/librispeech_finetuning.tgz"
+# SHA-256 of librispeech_finetuning.tgz, as torchaudio's LibriLightLimited dataset checks it
+# (torchaudio/datasets/librilight_limited.py, _CHECKSUM); Libri-light does not publish one.
+LIBRILIGHT_SHA256="5d1efdc777b548194d7e09ba89126e2188026df9fd57aa57eb14408d2b2342af"
+LIBRILIGHT_ARCHIVE="librispeech_finetuning.tgz"
 
 usage() {
     cat <<EOF
@@ -34,9 +39,20 @@ Then, with d2v_plugin/prep/librispeech.py of this checkout (--workers processes)
                DIR/manifests/dict.ltr.txt (letter dictionary for CTC fine-tuning).
                Point task.data at DIR/manifests.
 
+With --limited 10m|1h|10h: a Libri-light limited-resource training set (Kahn et al. 2020,
+the 10 min / 1 h / 10 h fine-tuning splits of wav2vec 2.0 and data2vec) instead of the
+LibriSpeech training splits; --splits then defaults to dev-clean,dev-other (validation):
+  1. download  $LIBRILIGHT_URL
+               (0.6 GB, resumable) into DIR/download/
+  2. verify    its SHA-256 ($LIBRILIGHT_SHA256,
+               torchaudio's LibriLightLimited checksum); a corrupt download -> .bad, error
+  3. extract   into DIR/librispeech_finetuning/ (1h/{0..5}/{clean,other}/, 9h/{clean,other}/)
+  4. manifests DIR/manifests/train.{tsv,wrd,ltr} and dict.ltr.txt from 1h/0 (10m), 1h/* (1h)
+               or 1h/* + 9h (10h); the dev splits as above (dev_other.tsv is the recipes' valid)
+
 Each finished step leaves a marker in DIR/.done/; re-running skips finished steps, resumes
 downloads and adds newly chosen splits. Once a split is extracted its archive may be deleted
-(or use --delete-archives). Needs curl, tar, gzip, md5sum and a Python with soundfile.
+(or use --delete-archives). Needs curl, tar, gzip, md5sum (sha256sum for --limited) and a Python with soundfile.
 
 Options:
   --out DIR           output directory (required; created)
@@ -50,6 +66,11 @@ Options:
   --md5-file FILE     expected MD5 sums, md5sum format ('<md5>  <split>.tar.gz' per line)
                       (default: $DEFAULT_MD5_FILE). Lets a mirror
                       with other archives, or a test, state its own sums.
+  --limited SUBSET    10m, 1h or 10h: train on that Libri-light limited-resource set (see
+                      above); training splits in --splits are then refused
+  --limited-url URL   where to download $LIBRILIGHT_ARCHIVE from (default: $LIBRILIGHT_URL;
+                      a mirror, http://host:port/path or file:///path)
+  --limited-sha256 S  its expected SHA-256 (default: the official archive's, above)
   --delete-archives   delete each archive once it is extracted
   --download-only     stop after steps 1-2 (e.g. on a login node with internet access)
   -h, --help          show this help
@@ -64,7 +85,10 @@ log() { echo "[librispeech $(date +%H:%M:%S)] $*"; }
 die() { echo "[librispeech] error: $*" >&2; exit 1; }
 
 OUT=""
-SPLITS="$ALL_SPLITS"
+SPLITS=""
+LIMITED=""
+LIMITED_URL="$LIBRILIGHT_URL"
+LIMITED_SHA256="$LIBRILIGHT_SHA256"
 MIRROR=""
 WORKERS="$(nproc 2>/dev/null || echo 1)"
 MD5_FILE="$DEFAULT_MD5_FILE"
@@ -79,6 +103,9 @@ while [[ $# -gt 0 ]]; do
         --mirror) need_value "$@"; MIRROR="${2%/}"; shift 2 ;;
         --workers) need_value "$@"; WORKERS="$2"; shift 2 ;;
         --md5-file) need_value "$@"; MD5_FILE="$2"; shift 2 ;;
+        --limited) need_value "$@"; LIMITED="$2"; shift 2 ;;
+        --limited-url) need_value "$@"; LIMITED_URL="$2"; shift 2 ;;
+        --limited-sha256) need_value "$@"; LIMITED_SHA256="${2,,}"; shift 2 ;;
         --delete-archives) DELETE_ARCHIVES=1; shift ;;
         --download-only) DOWNLOAD_ONLY=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -89,11 +116,21 @@ done
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer, got '$WORKERS'"
 [[ -f "$MD5_FILE" ]] || die "MD5 file $MD5_FILE does not exist"
 require_tools curl tar gzip md5sum
+case "$LIMITED" in
+    "") SPLITS="${SPLITS:-$ALL_SPLITS}" ;;
+    10m|1h|10h)
+        SPLITS="${SPLITS:-dev-clean,dev-other}"
+        require_tools sha256sum
+        [[ "$LIMITED_SHA256" =~ ^[0-9a-f]{64}$ ]] || die "--limited-sha256 must be 64 hex digits, got '$LIMITED_SHA256'" ;;
+    *) die "--limited must be 10m, 1h or 10h, got '$LIMITED'" ;;
+esac
 
 IFS=', ' read -r -a SPLIT_LIST <<<"$SPLITS"
 [[ ${#SPLIT_LIST[@]} -gt 0 ]] || die "--splits is empty"
 for split in "${SPLIT_LIST[@]}"; do
     [[ ",$ALL_SPLITS," == *",$split,"* ]] || die "unknown split '$split'; choose from $ALL_SPLITS"
+    [[ -z "$LIMITED" || "$split" != train-* ]] \
+        || die "--limited $LIMITED replaces the training splits: drop $split from --splits"
 done
 BASE_URL="${MIRROR:-$OPENSLR_URL}"
 
@@ -183,9 +220,43 @@ step_extract() {
     fi
 }
 
+# the Libri-light archive: download (resumable), SHA-256 check, extraction
+step_limited() {
+    local dest="$OUT/download/$LIBRILIGHT_ARCHIVE" tmp="$OUT/extract.tmp" got
+    if ! is_done "download-librilight"; then
+        [[ -f "$dest" ]] || { fetch "$LIMITED_URL" "$dest.part"; mv -f "$dest.part" "$dest"; }
+        log "checking the SHA-256 of $LIBRILIGHT_ARCHIVE ($(du -h "$dest" | cut -f1))"
+        got="$(sha256_of "$dest")"
+        if [[ "$got" != "$LIMITED_SHA256" ]]; then
+            mv -f "$dest" "$OUT/download/$LIBRILIGHT_ARCHIVE.bad"
+            die "$LIBRILIGHT_ARCHIVE is corrupt: SHA-256 $got, expected $LIMITED_SHA256; moved it to $OUT/download/$LIBRILIGHT_ARCHIVE.bad. Re-run to download it again."
+        fi
+        mark_done "download-librilight"
+    fi
+    [[ $DOWNLOAD_ONLY -eq 1 ]] && return
+    if is_done "extract-librilight"; then log "Libri-light: already extracted, skipped"; return; fi
+    [[ -f "$dest" ]] || die "$dest is missing; delete $DONE/download-librilight and re-run"
+    log "Libri-light: extracting $dest"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    tar -xzf "$dest" -C "$tmp" || { rm -rf "$tmp"; die "extracting $dest failed (corrupt archive?); delete it and $DONE/download-librilight, then re-run"; }
+    if [[ ! -d "$tmp/librispeech_finetuning/1h" ]]; then
+        rm -rf "$tmp"
+        die "$dest does not hold librispeech_finetuning/1h/; is it Libri-light's $LIBRILIGHT_ARCHIVE?"
+    fi
+    rm -rf "$OUT/librispeech_finetuning"
+    mv "$tmp/librispeech_finetuning" "$OUT/librispeech_finetuning"
+    rm -rf "$tmp"
+    mark_done "extract-librilight"
+    if [[ $DELETE_ARCHIVES -eq 1 ]]; then
+        rm -f "$dest"
+        log "Libri-light: deleted $dest (--delete-archives)"
+    fi
+}
+
 step_manifests() {
     local stamp="$DONE/manifests" wanted
-    wanted="$(printf '%s\n' "${SPLIT_LIST[@]}" | sort -u | tr '\n' ' ')"
+    wanted="$(printf '%s\n' "${SPLIT_LIST[@]}" | sort -u | tr '\n' ' ')${LIMITED:+limited-$LIMITED}"
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
         log "manifests for $wanted already written, skipped"
         return
@@ -196,12 +267,20 @@ step_manifests() {
         --root "$OUT/LibriSpeech" --splits "$(IFS=,; echo "${SPLIT_LIST[*]}")" \
         --out "$OUT/manifests" --workers "$WORKERS" \
         || die "writing the manifests failed (see above)"
+    if [[ -n "$LIMITED" ]]; then
+        # after the dev splits: train.* and dict.ltr.txt come from the Libri-light set
+        "${PYTHON:-python}" "$REPO_ROOT/d2v_plugin/prep/librispeech.py" librilight \
+            --root "$OUT/librispeech_finetuning" --subset "$LIMITED" \
+            --out "$OUT/manifests" --workers "$WORKERS" \
+            || die "writing the Libri-light $LIMITED manifest failed (see above)"
+    fi
     echo "$wanted" >"$stamp"
 }
 
 for split in "${SPLIT_LIST[@]}"; do
     step_download "$split"
 done
+[[ -z "$LIMITED" ]] || step_limited
 if [[ $DOWNLOAD_ONLY -eq 1 ]]; then
     log "downloads finished and verified (--download-only)"
     exit 0
