@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from helpers import BIN, compat_dir, hydra_train, run
+from helpers import BIN, REPO, compat_dir, hydra_train, run
 
 WORDS = ["ONE", "TWO", "THREE", "FOUR", "FIVE", "SIX", "SEVEN", "EIGHT", "NINE", "ZERO"]
 
@@ -358,3 +358,32 @@ def test_load_model_and_inference_export(digits, finetuned, tmp_path):
     session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {"source": wav[None].numpy(), "padding_mask": np.zeros((1, len(wav)), dtype=bool)})
     torch.testing.assert_close(torch.from_numpy(got[0]), a["logits"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["v2_audio", "v1_audio"])
+def test_recipe_dropouts_reach_the_encoder(name, tmp_path):
+    """The *_base recipes' dropout / attention_dropout / activation_dropout (Meta's 0, 0, 0.1)
+    replace the pretrained encoder's in every block; left null, the pretrained ones stay."""
+    from omegaconf import OmegaConf
+
+    from d2v_plugin.models.blocks import Block
+    from d2v_plugin.models.finetuning.ctc import D2vCtcConfig, D2vCtcModel
+    from d2v_plugin.tasks.audio_finetuning import D2vAudioFinetuningConfig, D2vAudioFinetuningTask
+
+    (tmp_path / "dict.ltr.txt").write_text("".join(f"{c} 1\n" for c in "|ABC"))
+    task = D2vAudioFinetuningTask.setup_task(D2vAudioFinetuningConfig(data=str(tmp_path)))
+    for split in ("10m", "1h", "10h", "100h", "960h"):
+        recipe = OmegaConf.load(REPO / "config" / "finetuning" / "asr" / f"{split}_base.yaml").model
+        assert (recipe.dropout, recipe.attention_dropout, recipe.activation_dropout) == (0.0, 0.0, 0.1), split
+
+    def dropouts(**fields):
+        cfg = OmegaConf.merge(OmegaConf.structured(D2vCtcConfig), fields, {"model_path": str(compat_dir() / f"{name}.checkpoint.pt")})
+        blocks = [m for m in D2vCtcModel.build_model(cfg, task).encoder.modules() if isinstance(m, Block)]
+        assert blocks
+        return {(b.attn.proj_drop.p, b.post_mlp_dropout.p, b.attn.attn_drop, b.mlp.drop1.p,
+                 getattr(b.mlp.drop2, "p", None)) for b in blocks}
+
+    fc2_drop = {"v2_audio": 0.1, "v1_audio": None}[name]  # 1.0 speech blocks have no dropout after fc2
+    assert dropouts(**{k: recipe[k] for k in ("dropout", "attention_dropout", "activation_dropout")}) == {(0.0, 0.0, 0.0, 0.1, fc2_drop)}
+    pretrained = dropouts()
+    assert len(pretrained) == 1 and next(iter(pretrained))[3] != 0.1  # the checkpoints were pretrained with other values

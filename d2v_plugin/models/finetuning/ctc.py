@@ -9,6 +9,9 @@ The mechanics of Meta's wav2vec 2.0 / data2vec fine-tuning recipe (``wav2vec_ctc
   replaced by ``mask_emb``);
 - the whole encoder is frozen for the first ``freeze_finetune_updates`` (only the head learns);
 - ``layerdrop`` of the transformer blocks;
+- the fine-tuning dropouts of the transformer blocks (``dropout``, ``attention_dropout``,
+  ``activation_dropout``; the recipes: 0, 0 and 0.1) replace the ones the encoder was
+  pretrained with, as Meta's ``wav2vec_ctc`` overrides them;
 - the audio normalisation the encoder was pretrained with (the pretrained checkpoint's
   ``task.normalize``) is applied to every waveform inside the model (zero mean, unit variance
   over its real samples), so training, validation and ``d2v-transcribe`` all feed what the
@@ -33,6 +36,7 @@ from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
 from ...checkpoints import read_checkpoint
+from ..blocks import Block
 from .pretrained import encoder_from_args, finetuning_encoder, load_pretrained_encoder, remember
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,20 @@ class D2vCtcConfig(FairseqDataclass):
     feature_grad_mult: float = field(default=0.0, metadata={"help": "gradient multiplier of the conv feature extractor; 0 freezes it (Meta's recipe)"})
     freeze_finetune_updates: int = field(default=0, metadata={"help": "the encoder is frozen (only the CTC head trains) for this many updates"})
     final_dropout: float = field(default=0.0, metadata={"help": "dropout on the encoder output before the CTC head"})
+    dropout: Optional[float] = field(
+        default=None,
+        metadata={"help": "dropout after each block's attention projection and feed-forward network while fine-tuning; "
+                  "null = keep the pretrained encoder's (Meta's recipes: 0.0)"},
+    )
+    attention_dropout: Optional[float] = field(
+        default=None,
+        metadata={"help": "dropout on the attention weights while fine-tuning; null = keep the pretrained encoder's (Meta's recipes: 0.0)"},
+    )
+    activation_dropout: Optional[float] = field(
+        default=None,
+        metadata={"help": "dropout after the feed-forward network's activation while fine-tuning; "
+                  "null = keep the pretrained encoder's (Meta's recipes: 0.1)"},
+    )
     normalize: Optional[bool] = field(
         default=None,
         metadata={"help": "normalise each waveform to zero mean and unit variance; null (default) = what the pretrained "
@@ -119,6 +137,25 @@ def apply_finetuning_options(encoder, cfg: D2vCtcConfig) -> None:
         enc_cfg.feature_grad_mult = cfg.feature_grad_mult
         enc_cfg.encoder_layerdrop = cfg.layerdrop
         encoder.encoder.layerdrop = cfg.layerdrop
+    apply_dropouts(encoder, cfg)
+
+
+def apply_dropouts(encoder: nn.Module, cfg: D2vCtcConfig) -> None:
+    """Set the fine-tuning dropouts on every transformer block of ``encoder`` (fields left
+    null keep the pretrained values). The blocks are the same class in 1.0 and 2.0 encoders."""
+    for block in encoder.modules():
+        if not isinstance(block, Block):
+            continue
+        if cfg.dropout is not None:
+            block.attn.proj_drop.p = cfg.dropout
+            block.post_mlp_dropout.p = cfg.dropout
+        if cfg.attention_dropout is not None:
+            block.attn.attn_drop = cfg.attention_dropout
+        if cfg.activation_dropout is not None:
+            # 1.0 speech blocks have no dropout after fc2 (an Identity there), 2.0 blocks do
+            for drop in (block.mlp.drop1, block.mlp.drop2):
+                if isinstance(drop, nn.Dropout):
+                    drop.p = cfg.activation_dropout
 
 
 def normalize_waveforms(source: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
