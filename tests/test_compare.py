@@ -5,6 +5,7 @@ independently of d2v_plugin.compare.logs.
 """
 
 import json
+import random
 import re
 import statistics
 from pathlib import Path
@@ -66,20 +67,45 @@ def test_next_sentence_task_pairs_are_consecutive_exactly_when_labelled_1():
 # ----------------------------------------------------------------------------
 # the script end to end
 
+WORDS = ("the", "a", "function", "value", "class", "object", "method", "list", "string", "module", "error")
+ANSWERS = ("alpha", "beta", "gamma", "delta")
 
-def _args(out):
-    # two arms at a time, one thread each; validations at updates 2 and 4 of each fine-tuning,
-    # so that "best" has a choice
+
+def tiny_squad(n, seed):
+    """SQuAD 1.1 json: paragraphs of documentation words, each holding 'named ANSWER' once."""
+    rng = random.Random(seed)
+    data = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(10, 30))]
+        pos = rng.randrange(len(words) - 1)
+        words[pos], words[pos + 1] = "named", rng.choice(ANSWERS)
+        start = len(" ".join(words[:pos + 1])) + 1
+        qa = {"id": f"q{i}", "question": "what is it named ?", "answers": [{"text": words[pos + 1], "answer_start": start}]}
+        data.append({"title": f"t{i}", "paragraphs": [{"context": " ".join(words) + ".", "qas": [qa]}]})
+    return {"version": "1.1", "data": data}
+
+
+def _args(out, squad):
+    # two runs at a time, one thread each; validations (and, for the test's own predictions, a checkpoint)
+    # at updates 2 and 4 of each fine-tuning, so that "best" has a choice; a high learning rate without
+    # warmup, so that 4 updates already move the predictions away from one class
     return ["--out", str(out), "--updates", "20", "--seeds", ",".join(map(str, SEEDS)), "--finetune-updates", "4",
-            "--tasks", "topic", "--threads", "1", "--jobs", "2", "--vocab-size", "500",
-            "--finetune-override", "dataset.validate_interval_updates=2"]
+            "--tasks", "topic", "--squad", f"squad={squad}", "--threads", "1", "--jobs", "2", "--vocab-size", "500",
+            "--finetune-override", "dataset.validate_interval_updates=2",
+            "--finetune-override", "checkpoint.no_save=false", "--finetune-override", "checkpoint.save_interval_updates=2",
+            "--finetune-override", "optimization.lr=[0.01]", "--finetune-override", "lr_scheduler.warmup_updates=0"]
 
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compare") / "out"
-    proc = run(["bash", REPO / "scripts" / "compare_text.sh", *_args(out)], timeout=900)
-    return out, proc.stdout
+    root = tmp_path_factory.mktemp("compare")
+    squad = root / "squad"
+    squad.mkdir()
+    (squad / "train.json").write_text(json.dumps(tiny_squad(48, 0)))
+    (squad / "dev.json").write_text(json.dumps(tiny_squad(12, 1)))
+    out = root / "out"
+    proc = run(["bash", REPO / "scripts" / "compare_text.sh", *_args(out, squad)], timeout=900)
+    return out, proc.stdout, squad
 
 
 _LINE = re.compile(r"\]\[(\w+)\]\[INFO\] - (\{.*\})\s*$")
@@ -100,12 +126,30 @@ def _table(md):
     return [dict(zip(head, (c.strip() for c in l.strip("|").split("|")))) for l in lines[2:]]
 
 
+def _cell(text):
+    m = re.fullmatch(r"([-\d.]+) ± ([\d.]+) \(n=(\d+)\)", text)
+    assert m, text
+    return float(m.group(1)), float(m.group(2)), int(m.group(3))
+
+
+def _best(valid, select, other):
+    """(select, other) of the validation with the highest select (the earliest of equal ones)."""
+    best = max(valid, key=lambda v: float(v[f"valid_{select}"]))
+    return float(best[f"valid_{select}"]), float(best[f"valid_{other}"])
+
+
+def _ft_dir(out, arm, task, pretrain_seed=1, seed=1):
+    return out / "finetune" / arm / f"pretrain{pretrain_seed}" / task / f"seed{seed}"
+
+
 def test_writes_table_and_plot_with_every_arm(comparison):
-    out, stdout = comparison
+    out, stdout, _ = comparison
     md = (out / "comparison.md").read_text()
     rows = _table(md)
     assert [r["arm"] for r in rows] == list(ARMS.values())
     assert "| arm |" in stdout  # the table is printed
+    assert re.search(r"== \[\d+m\d\ds\] fine-tune roberta \(pretraining seed 1\) on topic, seed 1: done in \d+ s "
+                     r"\(run \d+/8\)", stdout)  # progress: what, elapsed, count
     import matplotlib.image
 
     image = matplotlib.image.imread(out / "comparison.png")
@@ -113,11 +157,12 @@ def test_writes_table_and_plot_with_every_arm(comparison):
 
 
 def test_table_numbers_equal_the_runs_logs(comparison):
-    out, _ = comparison
+    out, _, _ = comparison
     rows = {r["arm"]: r for r in _table((out / "comparison.md").read_text())}
     for arm, label in ARMS.items():
         row = rows[label]
-        epochs = _records(out / "pretrain" / arm / "train.log", "train")
+        log = out / "pretrain" / arm / "seed1" / "train.log"
+        epochs = _records(log, "train")
         last = epochs[-1]
         assert int(row["pretraining updates"]) == int(last["train_num_updates"]) == 20
         assert float(row["wall time (s)"]) == pytest.approx(float(last["train_wall"]), abs=0.5)
@@ -128,29 +173,101 @@ def test_table_numbers_equal_the_runs_logs(comparison):
         assert int(row["tokens seen"].replace(",", "")) == round(tokens)
         # 20 updates of 8 x 64-token sequences
         assert abs(round(tokens) - 20 * 8 * 64) <= 20 * 8
-        inner = _records(out / "pretrain" / arm / "train.log", "train_inner")
+        inner = _records(log, "train_inner")
         assert float(row["final train loss"]) == pytest.approx(float(inner[-1]["loss"]), abs=5e-4)
 
-        best = []
-        for seed in SEEDS:
-            valid = _records(out / "finetune" / arm / "topic" / f"seed{seed}" / "train.log", "valid")
-            assert len(valid) >= 2, (arm, seed)
-            best.append(max(float(v["valid_accuracy"]) for v in valid))
-        m = re.fullmatch(r"([-\d.]+) ± ([\d.]+) \(n=(\d+)\)", row["topic accuracy (%)"])
-        assert m, row
-        assert float(m.group(1)) == pytest.approx(statistics.mean(best), abs=0.05)
-        std = statistics.stdev(best) if len(best) > 1 else 0.0
-        assert float(m.group(2)) == pytest.approx(std, abs=0.05)
-        assert int(m.group(3)) == len(SEEDS)
+        tasks = [("topic", "accuracy", "macro_f1", "accuracy", "macro-F1")]
+        if arm != "roberta":
+            tasks.append(("squad", "f1", "exact", "F1", "EM"))
+        for task, select, other, select_label, other_label in tasks:
+            best = []
+            for seed in SEEDS:
+                valid = _records(_ft_dir(out, arm, task, seed=seed) / "train.log", "valid")
+                assert len(valid) >= 2, (arm, task, seed)
+                best.append(_best(valid, select, other))
+            for i, col in enumerate((f"{task} {select_label} (%)", f"{task} {other_label} (%)")):
+                mean, std, n = _cell(row[col])
+                values = [b[i] for b in best]
+                assert mean == pytest.approx(statistics.mean(values), abs=0.05), (arm, col)
+                assert std == pytest.approx(statistics.stdev(values) if len(values) > 1 else 0.0, abs=0.05)
+                assert n == len(SEEDS)
+    # fairseq's roberta has no span head: said, not dropped
+    assert rows["RoBERTa (MLM)"]["squad F1 (%)"] == rows["RoBERTa (MLM)"]["squad EM (%)"] == compare_run.ROBERTA_NO_SPAN_HEAD
 
 
-def test_rerun_reuses_finished_runs(comparison, capsys):
-    out, _ = comparison
+def _predict_valid(checkpoint):
+    """Predicted and true classes of the valid set, by the fine-tuned checkpoint, loaded by fairseq."""
+    import torch
+    from fairseq import checkpoint_utils
+
+    (model,), cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)])
+    model.eval()
+    task.load_dataset("valid")
+    dataset = task.dataset("valid")
+    preds, labels = [], []
+    with torch.no_grad():
+        for i in range(0, len(dataset), 16):
+            sample = dataset.collater([dataset[j] for j in range(i, min(i + 16, len(dataset)))])
+            if hasattr(model, "classification_heads"):  # fairseq's roberta
+                logits = model(**sample["net_input"], features_only=True,
+                               classification_head_name="sentence_classification_head")[0]
+            else:
+                logits = model(**sample["net_input"])
+            preds += logits.argmax(-1).tolist()
+            labels += sample["target"].view(-1).tolist()
+    return preds, labels
+
+
+def test_macro_f1_equals_sklearn_on_the_models_own_predictions(comparison):
+    """For every arm (RoBERTa too), the table's accuracy and macro-F1 are those of the fine-tuned models'
+    valid-set predictions, computed here from the checkpoints of the validations (updates 2 and 4)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    out, _, _ = comparison
+    rows = {r["arm"]: r for r in _table((out / "comparison.md").read_text())}
+    results = json.loads((out / "results.json").read_text())
+    for arm, label in ARMS.items():
+        scores = []
+        for update in (2, 4):
+            (checkpoint,) = _ft_dir(out, arm, "topic").glob(f"checkpoint_*_{update}.pt")  # checkpoint_EPOCH_UPDATE
+            preds, labels = _predict_valid(checkpoint)
+            assert len(labels) == 80
+            scores.append((100 * accuracy_score(labels, preds), 100 * f1_score(labels, preds, average="macro")))
+        accuracy, macro_f1 = max(scores, key=lambda s: s[0])  # max() keeps the first of equal values
+        run_values = results["arms"][arm]["tasks"]["topic"]["runs"][0]["values"]
+        assert run_values["accuracy"] == pytest.approx(accuracy, abs=0.006)
+        assert run_values["macro_f1"] == pytest.approx(macro_f1, abs=0.006)
+        assert _cell(rows[label]["topic macro-F1 (%)"])[0] == pytest.approx(macro_f1, abs=0.051)
+
+
+def test_rerun_reuses_finished_runs_and_adds_pretraining_seeds(comparison, capsys):
+    out, _, squad = comparison
     before = (out / "comparison.md").read_text()
-    assert compare_run.main(_args(out)) == 0
+    assert compare_run.main(_args(out, squad)) == 0
     printed = capsys.readouterr().out
-    assert printed.count("finished before, reusing") == len(ARMS) * (1 + len(SEEDS))
+    # 3 pretrainings, 3 topic and 2 squad fine-tunings
+    assert printed.count("finished before, reusing") == len(ARMS) + len(ARMS) * len(SEEDS) + 2 * len(SEEDS)
     assert (out / "comparison.md").read_text() == before
+
+    # a second pretraining seed of the RoBERTa arm: its seed-1 runs are reused, seed 2's are new
+    assert compare_run.main([*_args(out, squad), "--arms", "roberta", "--pretrain-seeds", "1,2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished before, reusing") == 1 + len(SEEDS)
+    row = _table((out / "comparison.md").read_text())[0]
+    assert row["arm"] == "RoBERTa (MLM)"
+    best, losses, walls = [], [], []
+    for ps in (1, 2):
+        best.append(_best(_records(_ft_dir(out, "roberta", "topic", ps) / "train.log", "valid"), "accuracy", "macro_f1")[0])
+        log = out / "pretrain" / "roberta" / f"seed{ps}" / "train.log"
+        losses.append(float(_records(log, "train_inner")[-1]["loss"]))
+        walls.append(float(_records(log, "train")[-1]["train_wall"]))
+    mean, std, n = _cell(row["topic accuracy (%)"])
+    assert n == 2 * len(SEEDS)
+    assert (mean, std) == (pytest.approx(np.mean(best), abs=0.05), pytest.approx(np.std(best, ddof=1), abs=0.05))
+    mean, std, n = _cell(row["final train loss"])
+    assert (mean, std, n) == (pytest.approx(np.mean(losses), abs=5e-4), pytest.approx(np.std(losses, ddof=1), abs=5e-4), 2)
+    assert float(row["wall time (s)"]) == pytest.approx(np.mean(walls), abs=0.5)
+    assert losses[0] != losses[1]  # the seed reached the pretraining run
 
 
 def _log_line(tag, values):
@@ -173,7 +290,8 @@ def test_log_parsing_with_several_epochs_and_validations(tmp_path):
     summary = logs.pretraining_summary(log)
     assert summary["tokens"] == 10 * 500 + 20 * 400
     assert (summary["updates"], summary["wall_s"], summary["curve"]) == (30, 19.0, [(10, 3.0)])
-    assert logs.best_validation(log, "accuracy") == {"value": 55.5, "num_updates": 25, "validations": 3}
+    assert logs.best_validation(log, "accuracy") == {"value": 55.5, "num_updates": 25, "validations": 3,
+                                                     "values": {"accuracy": 55.5}}
     values = [55.5, 50.0, 61.25]
     mean, std, n = report.spread(values)
     assert (mean, n) == (pytest.approx(float(np.mean(values))), 3)
@@ -185,3 +303,7 @@ def test_bad_arm_and_missing_corpus_are_named(tmp_path, capsys):
     assert "unknown arm(s) bert" in capsys.readouterr().err
     assert compare_run.main([str(tmp_path / "nope.txt"), "--out", str(tmp_path)]) == 1
     assert f"corpus not found: {tmp_path / 'nope.txt'}" in capsys.readouterr().err
+    assert compare_run.main(["--squad", str(tmp_path / "nosquad"), "--out", str(tmp_path)]) == 1
+    assert f"--squad squad: directory not found: {tmp_path / 'nosquad'}" in capsys.readouterr().err
+    assert compare_run.main(["--tasks", "topic", "--metric", "topic=f1", "--out", str(tmp_path)]) == 1
+    assert "--metric 'topic=f1': classification tasks report accuracy, macro_f1" in capsys.readouterr().err

@@ -60,10 +60,15 @@ def pretraining_summary(path) -> Dict[str, object]:
             "tokens": int(round(tokens)), "curve": curve}
 
 
-def best_validation(path, metric: str) -> Dict[str, float]:
-    """The validation with the highest ``metric`` (ties: the earliest) and its update."""
+def best_validation(path, metric: str, others=()) -> Dict[str, object]:
+    """The validation with the highest ``metric`` (ties: the earliest), its update, and the values
+    of ``metric`` and of ``others`` (further keys of the same record) at that validation."""
     rows = [r for r in records(path, "valid") if isinstance(r.get(metric), float)]
     if not rows:
         raise ValueError(f"{path}: no [valid] record with '{metric}'")
     best = max(rows, key=lambda r: r[metric])  # max() keeps the first of equal values
-    return {"value": best[metric], "num_updates": int(best["num_updates"]), "validations": len(rows)}
+    missing = [k for k in others if not isinstance(best.get(k), float)]
+    if missing:
+        raise ValueError(f"{path}: the [valid] record of update {best.get('num_updates')} has no {', '.join(missing)}")
+    return {"value": best[metric], "num_updates": int(best["num_updates"]), "validations": len(rows),
+            "values": {k: best[k] for k in (metric, *others)}}

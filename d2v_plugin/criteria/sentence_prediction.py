@@ -34,6 +34,11 @@ class D2VSentencePredictionConfig(FairseqDataclass):
         default="1",
         metadata={"help": "label (as written in label/dict.txt) whose F1 acc_and_f1 reports; GLUE: '1' (paraphrase / duplicate)"},
     )
+    classification_head_name: str = field(
+        default="sentence_classification_head",
+        metadata={"help": "fairseq's own roberta models (fairseq's sentence_prediction task, e.g. the RoBERTa arm of "
+                  "scripts/compare_text.sh): the classification head to call; d2v_text_classification ignores it"},
+    )
 
 
 @register_criterion("d2v_sentence_prediction", dataclass=D2VSentencePredictionConfig)
@@ -48,6 +53,7 @@ class D2VSentencePredictionCriterion(FairseqCriterion):
                 f"criterion.report={self.report} does not fit {kind}: use pearson_and_spearman for regression "
                 "and accuracy / mcc / acc_and_f1 / macro_f1 for classification"
             )
+        self.head_name = cfg.classification_head_name
         self.pos_index = 1
         if self.report == "acc_and_f1":
             labels = task.label_dictionary
@@ -58,7 +64,10 @@ class D2VSentencePredictionCriterion(FairseqCriterion):
             self.pos_index = idx - labels.nspecial
 
     def forward(self, model, sample, reduce=True):
-        logits = model(**sample["net_input"])
+        if hasattr(model, "classification_heads"):  # fairseq's roberta: named heads on the features
+            logits, _ = model(**sample["net_input"], features_only=True, classification_head_name=self.head_name)
+        else:
+            logits = model(**sample["net_input"])
         targets = model.get_targets(sample, [logits])
         nsentences = logits.size(0)
         if self.regression:
