@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from child import child_code  # noqa: E402
-from synthetic import MAKERS  # noqa: E402
+from synthetic import DEFAULT_SIZES, MAKERS  # noqa: E402
 
 # Runs inside the child: pins torch's thread count, records the CUDA peak memory across
 # fairseq's per-update resets of the peak counter, then starts fairseq-hydra-train.
@@ -80,7 +80,11 @@ def parse_args(argv=None):
         help="generate a reproducible synthetic dataset in DIR (reused if already there with the same settings) and train on it",
     )
     p.add_argument("--modality", choices=sorted(MAKERS), default="text", help="kind of synthetic data --make-data writes (default: text)")
-    p.add_argument("--data-size", type=int, default=500_000, help="size of the synthetic training split (text: tokens; default 500000)")
+    p.add_argument(
+        "--data-size", type=int,
+        help="size of the synthetic training split: text tokens, audio clips or images "
+        f"(default {', '.join(f'{m} {n}' for m, n in DEFAULT_SIZES.items())})",
+    )
     p.add_argument("--data-seed", type=int, default=1, help="seed of the synthetic data (default 1)")
     p.add_argument("--updates", type=int, default=600, help="updates to train (optimization.max_update; default 600)")
     p.add_argument("--warmup", type=int, default=100, help="updates at the start that are not measured (default 100)")
@@ -337,7 +341,8 @@ def _shell(cmd: List[str]) -> str:
 def main(argv=None):
     args = parse_args(argv)
     if args.make_data:
-        data = MAKERS[args.modality](os.path.abspath(args.make_data), args.data_size, args.data_seed, args.python)
+        size = args.data_size or DEFAULT_SIZES[args.modality]
+        data = MAKERS[args.modality](os.path.abspath(args.make_data), size, args.data_seed, args.python)
     else:
         data = os.path.abspath(args.data)
     work = args.work_dir or tempfile.mkdtemp(prefix="d2v_bench_")
