@@ -9,7 +9,7 @@ from . import safe_load
 safe_load.allow_fairseq_checkpoints()
 safe_load.register_config_resolvers()
 
-from . import criteria, models, tasks  # noqa: E402,F401
+from . import criteria, models, optim, tasks  # noqa: E402,F401
 from . import checkpoint_io, training_stop  # noqa: E402  (crash-safe checkpoints, complete stop messages)
 
 checkpoint_io.install(), training_stop.install()
