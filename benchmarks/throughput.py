@@ -38,6 +38,7 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from child import child_code  # noqa: E402
+import flops  # noqa: E402
 from synthetic import DEFAULT_SIZES, MAKERS  # noqa: E402
 
 # Runs inside the child: pins torch's thread count, records the CUDA peak memory across
@@ -46,6 +47,7 @@ CHILD = child_code("D2V_BENCH_THREADS", r"""
 import atexit
 print("D2V_BENCH torch_threads", torch.get_num_threads(), flush=True)
 if torch.cuda.is_available():
+    print("D2V_BENCH device", torch.cuda.get_device_name().replace(" ", "_"), flush=True)
     _peak = [0]
     _reset = torch.cuda.reset_peak_memory_stats
     def _reset_keeping_peak(device=None):
@@ -62,6 +64,7 @@ if torch.cuda.is_available():
 # fairseq's own log format ("| train_inner | {...}") and hydra's ("[train_inner][INFO] - {...}")
 TRAIN_INNER = re.compile(r"[|\[]\s*train_inner\s*[|\]].*?(\{.*\})\s*$")
 MARKER = re.compile(r"^D2V_BENCH (\w+) (\S+)\s*$")
+TEXT_MARKERS = ("device",)
 
 
 def parse_args(argv=None):
@@ -104,6 +107,16 @@ def parse_args(argv=None):
         help="count this many words per update instead of the logged ntokens: words/s becomes updates/s x N. "
         "For trainers whose criterion logs ntokens differently (Meta's `model` criterion logs the number of "
         "predicted steps, not input tokens); batch_size x tokens_per_sample for full text blocks",
+    )
+    p.add_argument(
+        "--flops-config", metavar="YAML",
+        help="data2vec_multi config whose model FLOPs per update give the MFU (default: the run's own config file, "
+        "with the run's model./task./dataset. overrides); for another implementation pass the equivalent config of this plugin",
+    )
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of the hardware, for the MFU (model FLOPs utilisation)")
+    p.add_argument(
+        "--gpu", choices=sorted(flops.PEAK_TFLOPS),
+        help="take --peak-tflops from this table of dense bf16 peaks (on CUDA the device's name is looked up by default)",
     )
     p.add_argument("--repeat", type=int, default=1, help="run the benchmark this many times; the summary takes the median across runs")
     p.add_argument("--json-out", help="write all measurements (per interval, per run, summary, command) to this JSON file")
@@ -253,7 +266,9 @@ def run_once(args, data: str, run_dir: str, index: int) -> dict:
                         )
                     continue
                 m = MARKER.match(line)
-                if m:  # one per process (several with distributed training): keep the largest
+                if m and m.group(1) in TEXT_MARKERS:
+                    markers[m.group(1)] = m.group(2).replace("_", " ")
+                elif m:  # one per process (several with distributed training): keep the largest
                     markers[m.group(1)] = max(markers.get(m.group(1), 0), _number(m.group(2)))
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -277,6 +292,7 @@ def run_once(args, data: str, run_dir: str, index: int) -> dict:
             "peak_anon_rss_tree_mb": sampler.peak_anon_kb / 1024,
             "cuda_peak_mb": markers["cuda_peak_bytes"] / 2**20 if "cuda_peak_bytes" in markers else None,
             "torch_threads": markers.get("torch_threads"),
+            "device": markers.get("device", "cpu"),
             "elapsed_s": elapsed,
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
@@ -324,6 +340,41 @@ def summarize(intervals: List[dict], warmup: int, words_per_update: Optional[flo
     }
 
 
+def model_flops(args, data: str, runs: List[dict], summary: dict) -> dict:
+    """Model FLOPs per update (benchmarks/flops.py) of the run's config, TFLOP/s achieved and MFU."""
+    path = args.flops_config or os.path.join(args.config_dir, args.config_name + ".yaml")
+    overrides = [o for o in args.overrides if o.split("=")[0].split(".")[0] in ("model", "task", "dataset")]
+    try:
+        cfg, raw = flops.model_config(path, overrides)
+        modality = flops.config_modality(raw)
+        masked = statistics.median(s["masked_pct"] for r in runs for s in r["intervals"] if isinstance(s.get("masked_pct"), float)) \
+            if any(isinstance(s.get("masked_pct"), float) for r in runs for s in r["intervals"]) else None
+        if modality == "audio":
+            clip = mean_clip_samples(data)
+            batch = summary["words_per_update"] / clip if args.words_per_update is None else None
+            if batch is None:
+                raise ValueError("speech with --words-per-update: samples per update unknown")
+            parts = flops.update_flops(cfg, modality, batch, int(clip), masked)
+        else:
+            parts = flops.config_flops(path, overrides, masked_fraction=masked)
+    except Exception as e:  # a config of another implementation, or without data2vec_multi
+        return {"flops_error": f"{path}: {e}"}
+    out = {"flops_per_update": parts["total"], "model_tflops": parts["total"] * summary["ups_median"] / 1e12}
+    peak = args.peak_tflops or (flops.PEAK_TFLOPS[args.gpu] if args.gpu else None)
+    if peak is None and summary.get("device", "cpu") != "cpu":
+        peak = flops.peak_tflops_for(summary["device"])
+    if peak:
+        out.update({"peak_tflops": peak, "mfu": out["model_tflops"] / peak})
+    return out
+
+
+def mean_clip_samples(data: str) -> float:
+    """Mean length (samples) of the clips of DATA/train.tsv (a wav2vec-style manifest)."""
+    with open(os.path.join(data, "train.tsv")) as f:
+        lengths = [int(line.split("\t")[1]) for line in f.read().splitlines()[1:] if "\t" in line]
+    return statistics.fmean(lengths)
+
+
 def _number(v):
     """fairseq's JSON log writes numbers as strings."""
     try:
@@ -362,6 +413,8 @@ def main(argv=None):
         summary[k] = statistics.median(vals) if vals else None
     summary["words_per_update"] = runs[0]["words_per_update"]
     summary["measured_updates_per_run"] = runs[0]["measured_updates"]
+    summary["device"] = runs[0]["device"]
+    summary.update(model_flops(args, data, runs, summary))
 
     print()
     for i, r in enumerate(runs):
@@ -378,6 +431,13 @@ def main(argv=None):
     print(f"peak anonymous RSS (heap and tensors, no mapped library files): {summary['peak_anon_rss_tree_mb']:.0f} MB (sampled)")
     if summary["cuda_peak_mb"] is not None:
         print(f"peak CUDA memory allocated: {summary['cuda_peak_mb']:.1f} MB")
+    if summary.get("flops_per_update"):
+        line = f"model FLOPs per update: {summary['flops_per_update'] / 1e9:.2f} GFLOP -> {summary['model_tflops']:.3f} TFLOP/s"
+        if summary.get("mfu") is not None:
+            line += f", MFU {100 * summary['mfu']:.1f}% of {summary['peak_tflops']:g} TFLOP/s ({summary['device']})"
+        print(line)
+    elif summary.get("flops_error"):
+        print(f"model FLOPs not counted: {summary['flops_error']}")
 
     if args.json_out:
         out = {
