@@ -22,6 +22,34 @@ from fairseq.data import FairseqDataset
 logger = logging.getLogger(__name__)
 
 
+def _prepare_soundfile() -> None:
+    """Use every soundfile path this module takes once, in the importing thread.
+
+    soundfile's cffi bindings set up each C function and type on first use; two threads
+    doing that at once can abort the process (cffi's ``realize_c_type`` assertion, seen as a
+    rare crash of a training run whose data threads read audio). Opening, reading and
+    failing to open a file here leaves nothing to set up later."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for ext in ("wav", "flac"):
+            path = os.path.join(tmp, f"warm.{ext}")
+            sf.write(path, np.zeros(16, dtype=np.float32), 16000)
+            with sf.SoundFile(path) as f:
+                f.frames, f.samplerate, f.channels
+                f.read(dtype="float32", always_2d=False)
+        bad = os.path.join(tmp, "bad.wav")
+        with open(bad, "wb") as f:
+            f.write(b"not audio")
+        try:
+            sf.SoundFile(bad).close()
+        except Exception:
+            pass
+
+
+_prepare_soundfile()
+
+
 class AudioFileError(ValueError):
     """A file listed in a manifest cannot be used."""
 
@@ -216,8 +244,12 @@ class AudioManifestDataset(FairseqDataset):
 
         if len(rows) >= 10_000:
             logger.info(f"{self.manifest}: reading the headers of {len(rows)} files (task.check_files=false skips this)")
+        # the first header is read here, alone: soundfile's cffi bindings set up their C types
+        # lazily on first use, and several threads doing that at once can abort the process
+        # (cffi's realize_c_type assertion, seen as a rare crash of this check)
+        results = [check(rows[0])] if rows else []
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            results = list(pool.map(check, rows))
+            results += list(pool.map(check, rows[1:]))
         kept, unreadable, bad_format, resized = [], [], [], 0
         for row, (length, err) in zip(rows, results):
             if isinstance(err, AudioFormatError):
